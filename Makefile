@@ -1,0 +1,31 @@
+# Two entry points for a fresh machine (Python 3.11 and npm present): `make main` and `make test`.
+# The venv is built once; re-running reuses it (the stamp changes only when the requirements do).
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+PRESET ?= quick
+
+.PHONY: main test setup fetch clean-venv
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps -e .
+	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $(STAMP)
+
+fetch: $(STAMP)
+	$(VENV)/bin/flowsan models fetch
+
+main: fetch
+	$(VENV)/bin/flowsan run $(PRESET)
+
+test: fetch
+	$(PY) -m pytest -q tests
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,114 @@
+"""`flowsan ...` commands, thin over the library."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+
+from . import config
+
+
+def _overrides(pairs: list[str]) -> dict:
+    """--set san.epochs=2 --set data.sources=[lfw] -> {"san.epochs": 2, "data.sources": ["lfw"]}."""
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise config.ParamError(f"--set {pair!r}: expected KEY=VALUE")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def cmd_run(a) -> int:
+    from . import pipeline
+    res = pipeline.run(a.preset, run_name=a.run_name, only=a.only, from_stage=a.from_stage,
+                       overrides=_overrides(a.set), force=a.force)
+    print(f"ran: {', '.join(res.ran) or 'nothing'}; up to date: {', '.join(res.skipped) or 'none'}")
+    print(res.report)
+    return 0
+
+
+def cmd_report(a) -> int:
+    from . import pipeline, report
+    run_dir = Path(a.run)
+    if not run_dir.exists():
+        run_dir = pipeline.OUTPUT_DIR / a.run
+    print(report.build_report(run_dir))
+    return 0
+
+
+def cmd_params(a) -> int:
+    params = config.load(a.preset, _overrides(a.set))
+    print(yaml.safe_dump(config.to_dict(params), sort_keys=False), end="")
+    return 0
+
+
+def cmd_fetch(a) -> int:
+    from .models.fetch import fetch_all
+    print(fetch_all(Path(a.cache) if a.cache else None))
+    return 0
+
+
+def cmd_anonymize(a) -> int:
+    from .anonymize import anonymize_folder
+    summary = anonymize_folder(a.model, a.input_dir, a.output_dir, stages=a.stages,
+                               labels_csv=a.labels, label_free=a.label_free)
+    print(summary)
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="flowsan", description="FlowSAN Workbench")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run the pipeline on a preset or YAML file")
+    r.add_argument("preset", nargs="?", default="quick", help="preset name in params/ or a YAML path (default: quick)")
+    r.add_argument("--run-name", help="folder name under outputs/ (default: the preset name)")
+    r.add_argument("--only", nargs="+", metavar="STAGE", help="run only these stages")
+    r.add_argument("--from", dest="from_stage", metavar="STAGE", help="re-run this stage and all after it")
+    r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a parameter, e.g. san.epochs=2")
+    r.add_argument("--force", action="store_true", help="allow re-running an existing run with changed parameters")
+    r.set_defaults(func=cmd_run)
+
+    rep = sub.add_parser("report", help="render a run's executed notebooks to offline HTML")
+    rep.add_argument("run", help="run folder or run name under outputs/")
+    rep.set_defaults(func=cmd_report)
+
+    pa = sub.add_parser("params", help="validate a preset and print the resolved parameters")
+    pa.add_argument("preset")
+    pa.add_argument("--set", action="append", metavar="KEY=VALUE")
+    pa.set_defaults(func=cmd_params)
+
+    m = sub.add_parser("models", help="pretrained model weights")
+    msub = m.add_subparsers(dest="models_command", required=True)
+    f = msub.add_parser("fetch", help="fetch every pretrained model's weights into the user cache")
+    f.add_argument("--cache", help="cache folder (default: $FLOWSAN_MODEL_CACHE or ~/.cache/flowsan/models)")
+    f.set_defaults(func=cmd_fetch)
+
+    an = sub.add_parser("anonymize", help="detect, align and perturb the faces in a folder of images")
+    an.add_argument("model", help="trained model folder (e.g. outputs/quick/04_flowsan/flowsan)")
+    an.add_argument("input_dir")
+    an.add_argument("output_dir")
+    an.add_argument("--stages", type=int, help="apply the first t stages (default: all)")
+    an.add_argument("--labels", help="CSV with columns file,gender (1 = male, 0 = female)")
+    an.add_argument("--label-free", action="store_true",
+                    help="take each face's gender from the model's auxiliary classifier instead of a CSV")
+    an.set_defaults(func=cmd_anonymize)
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    from .models.fetch import FetchError
+    from .pipeline import RunError
+    try:
+        return args.func(args)
+    except (config.ParamError, RunError, FetchError, FileNotFoundError) as e:
+        print(f"flowsan: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,202 @@
+"""Face detection and 5-point alignment with dlib into one canonical 150 px chip per image.
+
+The canonical crop is dlib's face chip: HOG frontal detector (threshold 0), the 5-point shape
+predictor, `get_face_chip(size=150, padding=0.25)`. It reproduces the reference pack's chips
+bit-exactly. Every input problem is returned in `info` (never raised), so a run over thousands of
+files cannot crash on one bad file:
+
+| info["reason"] | meaning |
+| --- | --- |
+| ""          | aligned (info["ok"] is True) |
+| "unreadable"| not an image, missing, or an undecodable format |
+| "truncated" | the file ends early (decoding would invent pixels) |
+| "no_face"   | no detection in any detector pass |
+
+Kept images may carry flags: several detections (the largest is taken, `n_faces` > 1), a
+converted colour mode (`mode` is not RGB: CMYK, RGBA, LA, P, 16-bit, grayscale...), or a fallback
+detector pass (`det_pass` > 0: zero-padded image and/or upsample 0, for tight crops like UTKFace).
+"""
+from __future__ import annotations
+
+import io
+import time
+import warnings
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+CHIP_SIZE = 150          # dlib face chip side, as the reference pack and dlib's ResNet
+CHIP_PADDING = 0.25      # dlib face chip padding
+DETECT_THRESHOLD = 0.0   # dlib HOG detector adjust_threshold
+PAD_FRACTION = 0.25      # zero border added (per side) in the fallback passes
+ALIGN_VERSION = 1        # bump when the recipe changes: it invalidates the crop cache
+PREDICTOR_FILE = "shape_predictor_5_face_landmarks.dat"
+
+
+def detector_passes(upsample: int) -> list[tuple[bool, int]]:
+    """(zero-padded?, upsample) tried in order until a face is found."""
+    passes = [(False, upsample), (True, upsample), (False, 0), (True, 0)]
+    return list(dict.fromkeys(passes))  # upsample 0 gives two passes, not four
+
+
+def align_params(upsample: int) -> dict:
+    """Everything that determines a chip: the crop cache key is built from it."""
+    import dlib
+    from flowsan_lib.models.fetch import provenance
+    return {"chip_size": CHIP_SIZE, "padding": CHIP_PADDING, "threshold": DETECT_THRESHOLD,
+            "upsample": upsample, "passes": detector_passes(upsample), "pad_fraction": PAD_FRACTION,
+            "predictor_sha256": provenance(PREDICTOR_FILE)["sha256"], "dlib": dlib.__version__,
+            "version": ALIGN_VERSION}
+
+
+# --- reading any image into 8-bit RGB ----------------------------------------------------------
+
+def _to_rgb8(img: Image.Image) -> Image.Image:
+    """8-bit RGB from any PIL mode; alpha is composited on white, 16/32-bit is rescaled."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        a = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if a.max() > 255 else 255.0  # 16-bit data stored in an int container
+        return Image.fromarray(np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        img = img.convert("RGBA")
+        back = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        return Image.alpha_composite(back, img).convert("RGB")
+    return img.convert("RGB")  # RGB, L, 1, CMYK, YCbCr, LAB, HSV
+
+
+def read_rgb(src) -> tuple[np.ndarray | None, dict]:
+    """Decode a path, bytes or array into uint8 RGB [H,W,3]; info holds mode and any failure."""
+    info = {"ok": False, "reason": "", "detail": "", "mode": ""}
+    if isinstance(src, np.ndarray):
+        return _array_to_rgb(src, info)
+    if isinstance(src, Image.Image):
+        img = src
+    else:
+        try:
+            data = src if isinstance(src, bytes) else Path(src).read_bytes()
+            img = Image.open(io.BytesIO(data))
+        except (OSError, UnidentifiedImageError, ValueError) as e:
+            info.update(reason="unreadable", detail=f"{type(e).__name__}: {e}")
+            return None, info
+    info["mode"] = img.mode
+    try:
+        ImageFile.LOAD_TRUNCATED_IMAGES = False  # a cut file must fail, not get grey rows
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PIL warns on odd EXIF; the pixels are what matter
+            img.load()
+            img = ImageOps.exif_transpose(img)
+        rgb = np.asarray(_to_rgb8(img), dtype=np.uint8)
+    except OSError as e:
+        msg = str(e)
+        reason = "truncated" if "truncated" in msg or "broken data stream" in msg else "unreadable"
+        info.update(reason=reason, detail=f"{type(e).__name__}: {msg}")
+        return None, info
+    except (ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        info.update(reason="unreadable", detail=f"{type(e).__name__}: {e}")
+        return None, info
+    if rgb.ndim != 3 or min(rgb.shape[:2]) < 8:
+        info.update(reason="unreadable", detail=f"image too small: {rgb.shape}")
+        return None, info
+    info["ok"] = True
+    return np.ascontiguousarray(rgb), info
+
+
+def _array_to_rgb(a: np.ndarray, info: dict):
+    """uint8/uint16/float arrays, gray or RGB(A), into uint8 RGB."""
+    info["mode"] = f"array:{a.dtype}:{a.shape[2] if a.ndim == 3 else 1}"
+    if a.dtype == np.uint16:
+        a = (a.astype(np.float64) / 257.0 + 0.5).astype(np.uint8)
+    elif a.dtype.kind == "f":
+        a = (np.clip(a, 0, 1) * 255 + 0.5).astype(np.uint8)
+    a = a.astype(np.uint8)
+    if a.ndim == 2:
+        a = np.repeat(a[:, :, None], 3, axis=2)
+    if a.ndim != 3 or a.shape[2] not in (3, 4):
+        info.update(reason="unreadable", detail=f"unsupported array shape {a.shape}")
+        return None, info
+    if a.shape[2] == 4:
+        return read_rgb(Image.fromarray(a, "RGBA"))
+    info["ok"] = True
+    return np.ascontiguousarray(a), info
+
+
+# --- detection, landmarks, chip ----------------------------------------------------------------
+
+@lru_cache(maxsize=1)
+def _models():
+    """dlib HOG detector and 5-point predictor, loaded once per process."""
+    import dlib
+    from flowsan_lib.models.fetch import weight_path
+    return dlib.get_frontal_face_detector(), dlib.shape_predictor(str(weight_path(PREDICTOR_FILE)))
+
+
+def chip_landmarks(points: np.ndarray, details) -> np.ndarray:
+    """Map image points [k,2] into chip pixel coordinates (inverse of dlib's chip mapping)."""
+    r, n = details.rect, details.rows
+    cx, cy = (r.left() + r.right()) / 2, (r.top() + r.bottom()) / 2
+    step_x, step_y = (r.right() - r.left()) / (n - 1), (r.bottom() - r.top()) / (details.cols - 1)
+    c, s = np.cos(details.angle), np.sin(details.angle)
+    d = points - [cx, cy]
+    local = np.stack([c * d[:, 0] + s * d[:, 1], -s * d[:, 0] + c * d[:, 1]], axis=1)  # rotate by -angle
+    return (local / [step_x, step_y] + [(n - 1) / 2, (details.cols - 1) / 2]).astype(np.float32)
+
+
+def detect_align(rgb: np.ndarray, upsample: int = 1) -> tuple[np.ndarray | None, np.ndarray | None, dict]:
+    """Detect (largest face), predict 5 landmarks and cut the 150 px chip from an RGB array."""
+    import dlib
+    detector, predictor = _models()
+    info = {"ok": False, "reason": "no_face", "detail": "", "n_faces": 0, "det_score": float("nan"),
+            "det_pass": -1}
+    h, w = rgb.shape[:2]
+    for k, (pad, up) in enumerate(detector_passes(upsample)):
+        py, px = (int(round(h * PAD_FRACTION)), int(round(w * PAD_FRACTION))) if pad else (0, 0)
+        img = np.pad(rgb, ((py, py), (px, px), (0, 0))) if pad else rgb
+        rects, scores, _ = detector.run(img, up, DETECT_THRESHOLD)
+        if len(rects):
+            break
+    else:
+        info["detail"] = f"no detection in {len(detector_passes(upsample))} passes"
+        return None, None, info
+    best = int(np.argmax([r.area() for r in rects]))
+    shape = predictor(img, rects[best])
+    details = dlib.get_face_chip_details(shape, CHIP_SIZE, CHIP_PADDING)
+    chip = dlib.extract_image_chip(img, details)  # identical to get_face_chip(img, shape, 150, 0.25)
+    pts = np.array([[p.x, p.y] for p in shape.parts()], dtype=np.float64)
+    r = rects[best]
+    info.update(ok=True, reason="", n_faces=len(rects), det_score=float(scores[best]), det_pass=k,
+                rect=[r.left() - px, r.top() - py, r.right() - px, r.bottom() - py],
+                landmarks_image=(pts - [px, py]).astype(np.float32))
+    if len(rects) > 1:
+        info["detail"] = f"{len(rects)} faces; took the largest ({r.width()}x{r.height()} px)"
+    return np.ascontiguousarray(chip, dtype=np.uint8), chip_landmarks(pts, details), info
+
+
+def align_image(src, upsample: int = 1) -> tuple[np.ndarray | None, np.ndarray | None, dict]:
+    """Path, bytes, PIL image or array -> (chip150 RGB uint8 | None, landmarks5 [5,2] in chip px | None, info)."""
+    t0 = time.perf_counter()
+    rgb, info = read_rgb(src)
+    chip = lm = None
+    if rgb is not None:
+        chip, lm, det = detect_align(rgb, upsample)
+        info.update(det)
+        info["size"] = [int(rgb.shape[1]), int(rgb.shape[0])]
+    info["seconds"] = time.perf_counter() - t0
+    return chip, lm, info
+
+
+def chip_to_resolution(chip: np.ndarray, resolution: int) -> tuple[np.ndarray, np.ndarray]:
+    """150 px RGB chip -> (gray [R,R], rgb [R,R,3]) uint8: PIL convert("L") and bilinear (antialiased) resize."""
+    im = Image.fromarray(chip)
+    size = (resolution, resolution)
+    gray = np.asarray(im.convert("L").resize(size, Image.BILINEAR), dtype=np.uint8)
+    rgb = np.asarray(im.resize(size, Image.BILINEAR), dtype=np.uint8)
+    return gray, rgb
+
+
+def landmarks_to_resolution(lm: np.ndarray, resolution: int) -> np.ndarray:
+    """Chip-150 pixel coordinates -> R-px crop coordinates (pixel-centre convention, as PIL resize)."""
+    return ((lm + 0.5) * (resolution / CHIP_SIZE) - 0.5).astype(np.float32)

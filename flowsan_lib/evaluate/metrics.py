@@ -1,0 +1,213 @@
+"""Verification and classification metrics with weights, ties and bootstrap 95% CIs.
+
+Every metric takes optional per-sample weights, so one image-level bootstrap serves all of them:
+a bootstrap resample draws each test image k times (multinomial), a classifier score then weighs k,
+and a pair (a, b) weighs k_a * k_b (the pair statistics are U-statistics over images, so resampling
+pairs independently would ignore that pairs share images and give too narrow intervals).
+
+Conventions
+- ROC AUC: probability that a random positive scores above a random negative, ties count 1/2
+  (equals `sklearn.metrics.roc_auc_score`).
+- EER: the ROC curve, linearly interpolated between its operating points (a randomised threshold
+  inside a tie), crosses FPR = FNR; EER is that common value.
+- TMR at FMR f: a pair is accepted when its score is strictly above a threshold chosen among the
+  impostor scores, the lowest one whose FMR (weighted share of impostors accepted) is <= f. A tie
+  of impostors at the threshold is rejected as a whole, and so are genuine scores equal to it: no
+  interpolation, never an FMR above f. With fewer than 1/f impostors this is TMR at FMR 0.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+FMR_GRID = np.array([1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1, 0.2, 0.5, 1.0])
+
+
+def _weights(n: int, w) -> np.ndarray:
+    return np.ones(n) if w is None else np.asarray(w, dtype=float)
+
+
+def _grouped(scores, labels, w):
+    """Weighted positive and negative mass per distinct score, scores in descending order."""
+    scores = np.asarray(scores, dtype=float)
+    labels = np.asarray(labels).astype(bool)
+    w = _weights(len(scores), w)
+    uniq, inv = np.unique(-scores, return_inverse=True)     # descending scores
+    pos = np.bincount(inv, w * labels, minlength=len(uniq))
+    neg = np.bincount(inv, w * ~labels, minlength=len(uniq))
+    return -uniq, pos, neg
+
+
+def roc_curve(scores, labels, w=None):
+    """(fpr, tpr, thresholds) with a point per distinct score, starting at (0, 0); NaN if a class is empty."""
+    thr, pos, neg = _grouped(scores, labels, w)
+    P, N = pos.sum(), neg.sum()
+    if P <= 0 or N <= 0:
+        return np.array([np.nan]), np.array([np.nan]), np.array([np.nan])
+    tpr = np.concatenate([[0.0], np.cumsum(pos) / P])
+    fpr = np.concatenate([[0.0], np.cumsum(neg) / N])
+    return fpr, tpr, np.concatenate([[np.inf], thr])
+
+
+def roc_auc(scores, labels, w=None) -> float:
+    """ROC AUC with ties counted 1/2; NaN when a class has no (weighted) samples."""
+    _, pos, neg = _grouped(scores, labels, w)
+    P, N = pos.sum(), neg.sum()
+    if P <= 0 or N <= 0:
+        return float("nan")
+    neg_above = np.cumsum(neg) - neg                        # negatives scoring strictly higher
+    wrong = np.sum(pos * (neg_above + 0.5 * neg))
+    return float(1.0 - wrong / (P * N))
+
+
+def eer_from_roc(fpr, tpr) -> float:
+    """Equal error rate where the interpolated ROC crosses FPR = 1 - TPR."""
+    fpr, tpr = np.asarray(fpr, float), np.asarray(tpr, float)
+    if np.isnan(fpr).any():
+        return float("nan")
+    d = fpr - (1.0 - tpr)                                   # non-decreasing along the curve
+    k = int(np.argmax(d >= 0))
+    if k == 0:
+        return float(fpr[0])
+    a = -d[k - 1] / (d[k] - d[k - 1])
+    return float(fpr[k - 1] + a * (fpr[k] - fpr[k - 1]))
+
+
+def eer(scores, labels, w=None) -> float:
+    """Equal error rate of scores (higher = positive) against binary labels."""
+    fpr, tpr, _ = roc_curve(scores, labels, w)
+    return eer_from_roc(fpr, tpr)
+
+
+def tmr_at_fmr(genuine, impostor, fmr, w_gen=None, w_imp=None):
+    """TMR at the largest achievable FMR <= each target in `fmr` (scalar or array); see module doc."""
+    genuine, impostor = np.asarray(genuine, float), np.asarray(impostor, float)
+    wg, wi = _weights(len(genuine), w_gen), _weights(len(impostor), w_imp)
+    targets = np.atleast_1d(np.asarray(fmr, dtype=float))
+    G, I = wg.sum(), wi.sum()
+    if G <= 0 or I <= 0:
+        out = np.full(len(targets), np.nan)
+        return out if np.ndim(fmr) else float(out[0])
+    # candidate thresholds v: accept score > v, v over distinct impostor scores (descending) and -inf
+    v, inv = np.unique(-impostor, return_inverse=True)
+    v = -v
+    imp_at = np.bincount(inv, wi, minlength=len(v))
+    imp_above = np.cumsum(imp_at) - imp_at                  # impostor mass strictly above v[j]
+    ok = imp_above <= targets[:, None] * I * (1 + 1e-12)    # FMR(v[j]) <= target; True then False
+    thr = v[ok.sum(axis=1) - 1]                             # lowest admissible (imp_above[0] = 0 always is)
+    thr = np.where(targets >= 1, -np.inf, thr)              # FMR 1 admits everything
+    order = np.argsort(genuine)
+    cum = np.concatenate([[0.0], np.cumsum(wg[order])])
+    below_or_eq = cum[np.searchsorted(genuine[order], thr, side="right")]
+    out = (G - below_or_eq) / G
+    return out if np.ndim(fmr) else float(out[0])
+
+
+def verification_roc(genuine, impostor, w_gen=None, w_imp=None):
+    """(fmr, tmr) with a point per distinct score, from (0, 0) to (1, 1)."""
+    scores = np.concatenate([genuine, impostor])
+    labels = np.concatenate([np.ones(len(genuine), bool), np.zeros(len(impostor), bool)])
+    w = None if w_gen is None and w_imp is None else np.concatenate(
+        [_weights(len(genuine), w_gen), _weights(len(impostor), w_imp)])
+    fmr, tmr, _ = roc_curve(scores, labels, w)
+    return fmr, tmr
+
+
+# --- bootstrap --------------------------------------------------------------------------------
+
+def bootstrap_weights(n: int, n_boot: int, seed: int) -> np.ndarray:
+    """[n_boot, n] multiplicities of n items in n_boot resamples with replacement."""
+    rng = np.random.default_rng(seed)
+    if n == 0 or n_boot == 0:
+        return np.zeros((n_boot, n))
+    return rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot).astype(float)
+
+
+def percentile_ci(values, level: float = 0.95) -> tuple[float, float]:
+    """Percentile interval of bootstrap replicates, ignoring NaN replicates (degenerate resamples)."""
+    values = np.asarray(values, float)
+    values = values[np.isfinite(values)]
+    if len(values) < 2:
+        return float("nan"), float("nan")
+    a = (1 - level) / 2
+    lo, hi = np.quantile(values, [a, 1 - a])
+    return float(lo), float(hi)
+
+
+def with_ci(stat, boot_weights, level: float = 0.95) -> dict:
+    """{"value", "lo", "hi"} of stat(w): w=None for the point estimate, each row of boot_weights for replicates."""
+    value = stat(None)
+    reps = [stat(w) for w in boot_weights]
+    lo, hi = percentile_ci(reps, level)
+    return {"value": float(value), "lo": lo, "hi": hi}
+
+
+def classifier_metrics(p_male, is_male, boot_weights) -> dict:
+    """AUC, EER and |AUC - 0.5| of P(male) scores, each with bootstrap CIs over images."""
+    p_male, is_male = np.asarray(p_male, float), np.asarray(is_male, bool)
+    out = {}
+    aucs = [roc_auc(p_male, is_male, w) for w in boot_weights]
+    auc = roc_auc(p_male, is_male)
+    out["auc"] = {"value": auc, **dict(zip(("lo", "hi"), percentile_ci(aucs)))}
+    dev = [abs(a - 0.5) for a in aucs]
+    out["auc_dev"] = {"value": abs(auc - 0.5), **dict(zip(("lo", "hi"), percentile_ci(dev)))}
+    out["eer"] = with_ci(lambda w: eer(p_male, is_male, w), boot_weights)
+    out["n"] = int(len(p_male))
+    out["n_male"] = int(is_male.sum())
+    return out
+
+
+def matcher_metrics(genuine, impostor, gen_idx, imp_idx, boot_weights, fmrs=(1e-3, 1e-2)) -> dict:
+    """TMR at each FMR, EER and AUC of genuine/impostor scores; CIs from image-level weights.
+
+    gen_idx, imp_idx: [n_pairs, 2] test-image indices of each pair, to weigh pair (a, b) by k_a * k_b.
+    """
+    genuine, impostor = np.asarray(genuine, float), np.asarray(impostor, float)
+    gen_idx = np.asarray(gen_idx, int).reshape(-1, 2)
+    imp_idx = np.asarray(imp_idx, int).reshape(-1, 2)
+    labels = np.concatenate([np.ones(len(genuine), bool), np.zeros(len(impostor), bool)])
+    scores = np.concatenate([genuine, impostor])
+
+    def pair_w(w):
+        if w is None:
+            return None, None
+        return w[gen_idx[:, 0]] * w[gen_idx[:, 1]], w[imp_idx[:, 0]] * w[imp_idx[:, 1]]
+
+    fmrs = np.asarray(fmrs, float)
+    point = tmr_at_fmr(genuine, impostor, fmrs)
+    reps = np.array([tmr_at_fmr(genuine, impostor, fmrs, *pair_w(w)) for w in boot_weights]).reshape(-1, len(fmrs))
+    out = {}
+    for k, f in enumerate(fmrs):
+        lo, hi = percentile_ci(reps[:, k]) if len(reps) else (float("nan"), float("nan"))
+        out[f"tmr_at_fmr_{fmr_key(f)}"] = {"value": float(point[k]), "lo": lo, "hi": hi}
+
+    def both_w(w):
+        g, i = pair_w(w)
+        return None if w is None else np.concatenate([g, i])
+
+    out["eer"] = with_ci(lambda w: eer(scores, labels, both_w(w)), boot_weights)
+    out["auc"] = with_ci(lambda w: roc_auc(scores, labels, both_w(w)), boot_weights)
+    out["roc"] = {fmr_key(f): float(t) for f, t in zip(FMR_GRID, tmr_at_fmr(genuine, impostor, FMR_GRID))}
+    out["n_genuine"] = int(len(genuine))
+    out["n_impostor"] = int(len(impostor))
+    out["min_fmr"] = (1.0 / len(impostor)) if len(impostor) else float("nan")  # resolution of the FMR axis
+    return out
+
+
+def fmr_key(f: float) -> str:
+    """Stable JSON key for an FMR value: 0.001 -> '0.001', 1e-4 -> '0.0001'."""
+    return f"{f:.6f}".rstrip("0").rstrip(".") if f < 1 else "1"
+
+
+def nan_to_none(obj):
+    """Recursively replace NaN/inf floats by None so the result is strict JSON."""
+    if isinstance(obj, dict):
+        return {k: nan_to_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [nan_to_none(v) for v in obj]
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj

@@ -1,0 +1,118 @@
+"""The unseen evaluators: pretrained, in-house and classical gender classifiers, and face matchers.
+
+Every classifier is wrapped to `p_male(images) -> [N]` and every matcher to
+`describe(images) -> [N, D]` (L2-normalised), on numpy gray images [N, R, R] in [0, 1] (or uint8),
+so the evaluation loop treats them alike.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from . import classical, inhouse
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """'auto' -> cuda when available, else cpu."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _batches(images, batch_size: int, device):
+    x = np.asarray(images)
+    for s in range(0, len(x), batch_size):
+        b = torch.as_tensor(x[s:s + batch_size])
+        b = b.float() / 255.0 if b.dtype == torch.uint8 else b.float()
+        yield b[:, None].to(device)
+
+
+@dataclass
+class TorchClassifier:
+    """A GenderClassifier module (forward -> P(male)) with numpy in and out."""
+    module: torch.nn.Module
+    kind: str = "pretrained"
+    seen: bool = False
+    batch_size: int = 64
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def name(self) -> str:
+        return self.module.name
+
+    @property
+    def provenance(self) -> dict:
+        return dict(getattr(self.module, "provenance", {}))
+
+    @torch.no_grad()
+    def p_male(self, images) -> np.ndarray:
+        self.module.to(self.device)
+        out = [self.module(b).float().cpu() for b in _batches(images, self.batch_size, self.device)]
+        return torch.cat(out).numpy().astype(np.float64) if out else np.zeros(0)
+
+
+@dataclass
+class TorchMatcher:
+    """A FaceMatcher module (forward -> L2-normalised descriptor) with numpy in and out."""
+    module: torch.nn.Module
+    seen: bool = False
+    batch_size: int = 64
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def name(self) -> str:
+        return self.module.name
+
+    @property
+    def provenance(self) -> dict:
+        return dict(getattr(self.module, "provenance", {}))
+
+    @torch.no_grad()
+    def describe(self, images) -> np.ndarray:
+        self.module.to(self.device)
+        out = [self.module(b).float().cpu() for b in _batches(images, self.batch_size, self.device)]
+        d = torch.cat(out) if out else torch.zeros(0, 1)
+        return torch.nn.functional.normalize(d, dim=1).numpy()   # cosine = dot product
+
+
+def pretrained_classifiers(names, device) -> list[TorchClassifier]:
+    """The pretrained unseen gender classifiers named in EvalParams.classifiers."""
+    from ..models import load_gender_classifier
+    return [TorchClassifier(load_gender_classifier(n), "pretrained", False, device=device) for n in names]
+
+
+def matchers(names, seen_name: str, device) -> list[TorchMatcher]:
+    """The face matchers named in EvalParams.matchers; the SAN's auxiliary matcher is flagged seen."""
+    from ..models import load_matcher
+    return [TorchMatcher(load_matcher(n), seen=(n == seen_name), device=device) for n in names]
+
+
+def inhouse_classifiers(faces_gray, source, split, is_male, epochs: int, folder, device, seed: int,
+                        log=print) -> tuple[list[TorchClassifier], dict]:
+    """Train (or reload) one CNN per source's training split and one on their union."""
+    sources = [s for s in dict.fromkeys(source) if np.any((source == s) & (split == "train"))]
+    out, history = [], {}
+    for name, srcs, arch in inhouse.inhouse_plan(sources):
+        tr = np.isin(source, srcs) & (split == "train")
+        va = np.isin(source, srcs) & (split == "val")
+        if (folder / f"{name}.safetensors").exists():          # resume after an interruption
+            model = inhouse.load_cnn(folder, name)
+        else:
+            log(f"training {name} ({arch}) on {'+'.join(srcs)}: {tr.sum()} images, {epochs} epochs")
+            model, history[name] = inhouse.train_cnn(
+                name, arch, faces_gray[tr], is_male[tr], faces_gray[va], is_male[va], epochs,
+                device=str(device), seed=seed, provenance={"train_sources": "+".join(srcs)})
+            inhouse.save_cnn(model, folder)
+        out.append(TorchClassifier(model, "inhouse", False, device=device))
+    return out, history
+
+
+def classical_suite(train_gray, train_male, seed: int, log=print) -> list[classical.ClassicalClassifier]:
+    """Fit the HOG / LBP / PCA scikit-learn classifiers on original training images."""
+    out = []
+    for clf in classical.classical_classifiers(seed):
+        log(f"fitting {clf.name} on {len(train_male)} images")
+        out.append(clf.fit(train_gray, train_male, seed=seed))
+    return out

@@ -1,0 +1,91 @@
+"""SAN losses J_D, J_M, J_G (paper eq. 2-6, with the original code's choices as options).
+
+All terms are computed in float32 even under bf16 autocast, so the loss values are comparable
+between precisions. `SanLoss` holds the frozen auxiliary networks and is the fastai loss function.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+def pixel_loss(out: torch.Tensor, target: torch.Tensor, kind: str = "l1") -> torch.Tensor:
+    """J_D: mean per-pixel dissimilarity of I'_sm to the target; "bce" as the paper (eq. 2), "l1" as the code."""
+    out, target = out.float(), target.float()
+    if kind == "l1":
+        return (out - target).abs().mean()
+    if kind == "bce":
+        return F.binary_cross_entropy(out.clamp(1e-6, 1 - 1e-6), target)
+    raise ValueError(f"unknown pixel loss {kind!r}; use 'l1' or 'bce'")
+
+
+def match_loss(d_sm: torch.Tensor, d_op: torch.Tensor, d_orig: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+    """J_M: squared distance of mean(R(I'_sm), R(I'_op)) to the ORIGINAL image's descriptor R(I).
+
+    reduction "sum" sums over batch and descriptor dims as the original code (so the weight scales
+    with the batch size); "mean" sums over dims and averages over the batch (batch-size free).
+    """
+    diff = (d_sm.float() + d_op.float()) / 2 - d_orig.float().detach()
+    per_image = diff.pow(2).sum(1)
+    if reduction == "sum":
+        return per_image.sum()
+    if reduction == "mean":
+        return per_image.mean()
+    raise ValueError(f"unknown match reduction {reduction!r}; use 'sum' or 'mean'")
+
+
+def gender_logit(g: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Log-odds of male from a GenderClassifier; exact when it exposes `logit`, else from P(male)."""
+    if hasattr(g, "logit"):
+        return g.logit(x).float()
+    p = g(x).float().clamp(1e-6, 1 - 1e-6)
+    return torch.log(p) - torch.log1p(-p)
+
+
+def gender_loss(z_sm: torch.Tensor, z_op: torch.Tensor, y: torch.Tensor, target: str = "flip") -> torch.Tensor:
+    """J_G (eq. 5): H(y, G(I'_sm)) + H(t_op, G(I'_op)), batch means.
+
+    target "flip" (paper): t_op = 1 - y, the SAN learns to flip G; "uniform": t_op = 0.5, the SAN
+    learns to make G undecided (a knob beyond the paper: flipping a seen classifier is not privacy).
+    """
+    y = y.float()
+    if target == "flip":
+        t_op = 1 - y
+    elif target == "uniform":
+        t_op = torch.full_like(y, 0.5)
+    else:
+        raise ValueError(f"unknown gender target {target!r}; use 'flip' or 'uniform'")
+    return (F.binary_cross_entropy_with_logits(z_sm, y) + F.binary_cross_entropy_with_logits(z_op, t_op))
+
+
+class SanLoss(nn.Module):
+    """J = w_pixel J_D + w_match J_M + w_gender J_G with frozen G_i and M; fastai loss function.
+
+    Called as loss(preds, target_pixels, desc_orig, y) with preds = (I'_sm, I'_op). `last` keeps the
+    unweighted terms of the last call (floats) for the history; `use_match` is switched by the warm-up.
+    """
+
+    def __init__(self, gender: nn.Module, matcher: nn.Module | None = None, w_pixel: float = 1.0,
+                 w_match: float = 8.0, w_gender: float = 1.0, pixel: str = "l1", pixel_target: str = "original",
+                 match_reduction: str = "sum", gender_target: str = "flip"):
+        super().__init__()
+        self.gender, self.matcher = gender, matcher
+        self.w_pixel, self.w_match, self.w_gender = w_pixel, w_match, w_gender
+        self.pixel, self.pixel_target = pixel, pixel_target
+        self.match_reduction, self.gender_target = match_reduction, gender_target
+        self.use_match = True
+        self.last: dict[str, float] = {}
+
+    def forward(self, preds, target_pixels, desc_orig, y):
+        out_sm, out_op = preds
+        zero = out_sm.new_zeros((), dtype=torch.float32)
+        j_d = pixel_loss(out_sm, target_pixels, self.pixel) if self.pixel_target != "none" and self.w_pixel else zero
+        j_m = zero
+        if self.use_match and self.w_match and self.matcher is not None:
+            j_m = match_loss(self.matcher(out_sm), self.matcher(out_op), desc_orig, self.match_reduction)
+        j_g = zero
+        if self.w_gender:
+            j_g = gender_loss(gender_logit(self.gender, out_sm), gender_logit(self.gender, out_op), y, self.gender_target)
+        self.last = {"J_D": float(j_d.detach()), "J_M": float(j_m.detach()), "J_G": float(j_g.detach())}
+        return self.w_pixel * j_d + self.w_match * j_m + self.w_gender * j_g

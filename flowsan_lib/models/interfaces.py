@@ -1,0 +1,112 @@
+"""The two interfaces every later stage uses for pretrained networks, and their factories.
+
+`GenderClassifier`: x float [B,1,R,R] in [0,1] -> P(male) [B].
+`FaceMatcher`:      x float [B,1,R,R] in [0,1] -> L2-normalised descriptor [B,D]; score = cosine.
+
+x is the canonical crop (dlib 150-px chip, padding 0.25, PIL gray, resized to R; see
+docs/CONTRACTS.md). Each wrapper resizes it differentiably to its network's input from that
+geometry, replicates gray to 3 channels, scales to 0..255 and normalises as its network wants, so
+SAN outputs can be fed directly. Wrappers are frozen and stay in eval mode.
+"""
+from __future__ import annotations
+
+import importlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+GENDER_CLASSIFIERS = ["faceapi_gender", "cydral_gender", "hse_gender", "ssrnet_gender"]
+MATCHERS = ["faceapi", "hse", "dlib"]
+
+# name -> "module:function" inside flowsan_lib.models.pretrained, imported on first use
+_GENDER = {"faceapi_gender": "faceapi_agegender:load_gender_classifier",
+           "cydral_gender": "cydral:load_gender_classifier",
+           "hse_gender": "faceres:load_gender_classifier",
+           "ssrnet_gender": "ssrnet:load_gender_classifier"}
+_MATCHER = {"faceapi": "faceapi_resnet:load_matcher",
+            "hse": "faceres:load_matcher",
+            "dlib": "dlib_native:load_matcher"}
+
+
+class FrozenModel(nn.Module):
+    """A pretrained network: no trainable parameters, always in eval mode, with name and provenance."""
+
+    name: str = ""
+    provenance: dict = {}
+
+    def freeze(self) -> "FrozenModel":
+        """Stop gradients into the weights (not through them) and switch to eval mode."""
+        self.requires_grad_(False)
+        return super().train(False)
+
+    def train(self, mode: bool = True) -> "FrozenModel":
+        """Ignore `mode`: a Learner calling .train() on the SAN must not wake the frozen evaluator."""
+        return super().train(False)
+
+
+class GenderClassifier(FrozenModel):
+    """Canonical gray crops [B,1,R,R] in [0,1] -> P(male) [B]."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class FaceMatcher(FrozenModel):
+    """Canonical gray crops [B,1,R,R] in [0,1] -> L2-normalised descriptors [B,D]; score = cosine."""
+
+    dim: int = 0
+    differentiable: bool = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @staticmethod
+    def score(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Cosine similarity of matching rows of two descriptor batches."""
+        return (a * b).sum(-1)
+
+
+def check_crops(x: torch.Tensor) -> torch.Tensor:
+    """Validate the canonical-crop layout [B,1,R,R]."""
+    if x.ndim != 4 or x.shape[1] != 1 or x.shape[2] != x.shape[3]:
+        raise ValueError(f"expected gray canonical crops [B,1,R,R], got shape {tuple(x.shape)}")
+    return x
+
+
+def resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Differentiable bilinear resize of square NCHW images (antialiased when shrinking)."""
+    if x.shape[-1] == size:
+        return x
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
+                         antialias=size < x.shape[-1])
+
+
+def centre_crop(x: torch.Tensor, frac: float) -> torch.Tensor:
+    """Keep the central `frac` of each side, rounded to whole pixels (symmetric margins)."""
+    r = x.shape[-1]
+    m = round(r * (1 - frac) / 2)
+    return x[..., m:r - m, m:r - m] if m > 0 else x
+
+
+def to_rgb255(x: torch.Tensor) -> torch.Tensor:
+    """Gray [B,1,H,W] in [0,1] -> 3 equal channels in 0..255 (RGB or BGR alike)."""
+    return x.expand(-1, 3, -1, -1) * 255.0
+
+
+def _load(table: dict, name: str, kind: str, device):
+    if name not in table:
+        raise KeyError(f"unknown {kind} {name!r}; choose from {sorted(table)}")
+    module, func = table[name].split(":")
+    model = getattr(importlib.import_module(f"{__package__}.pretrained.{module}"), func)()
+    return model.to(device).freeze()
+
+
+def load_gender_classifier(name: str, device="cpu") -> GenderClassifier:
+    """A pretrained gender classifier by name (see GENDER_CLASSIFIERS); weights from the fetch cache."""
+    return _load(_GENDER, name, "gender classifier", device)
+
+
+def load_matcher(name: str, device="cpu") -> FaceMatcher:
+    """A pretrained face matcher by name (see MATCHERS); weights from the fetch cache."""
+    return _load(_MATCHER, name, "matcher", device)

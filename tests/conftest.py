@@ -1,0 +1,84 @@
+"""Shared fixtures: the shared real-data folder and a tiny set of real aligned faces.
+
+Keep this file small and generic; stage-specific fixtures belong in the test modules.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def shared_root() -> Path:
+    """$FLOWSAN_SHARED, else the folder `../shared` next to the project root."""
+    return Path(os.environ.get("FLOWSAN_SHARED", PROJECT_ROOT.parent / "shared")).resolve()
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    root = shared_root()
+    if not root.is_dir():
+        pytest.skip(f"shared data folder {root} not found (set FLOWSAN_SHARED)")
+    return root
+
+
+@dataclass
+class TinyFaces:
+    """Eight real dlib-aligned LFW faces (4 men, 4 women, 2 images per person)."""
+    gray: np.ndarray        # uint8 [N,R,R], PIL convert("L") then bilinear resize
+    rgb: np.ndarray         # uint8 [N,R,R,3]
+    landmarks: np.ndarray   # float32 [N,5,2] (x, y) in R-px crop coordinates
+    gender: np.ndarray      # int64 [N], 1 = male, 0 = female
+    identity: np.ndarray    # str [N]
+
+    @property
+    def resolution(self) -> int:
+        return self.gray.shape[-1]
+
+    def images(self) -> torch.Tensor:
+        """Gray faces as float [N,1,R,R] in [0,1]."""
+        return torch.from_numpy(self.gray).float().div(255).unsqueeze(1)
+
+
+def _chip_landmarks(d) -> np.ndarray:
+    """Map the 5 landmarks from image pixels into the 150-px chip (dlib chip rect + angle)."""
+    out = []
+    for (l, t, r, b), a, pts in zip(d["chip_rect"], d["chip_angle"], d["landmarks5"]):
+        c = np.array([(l + r) / 2, (t + b) / 2])
+        rot = np.array([[np.cos(a), np.sin(a)], [-np.sin(a), np.cos(a)]])
+        out.append((pts - c) @ rot.T * (149 / (r - l)) + 74.5)
+    return np.asarray(out, np.float32)
+
+
+def load_tiny_faces(root: Path, resolution: int = 32) -> TinyFaces:
+    """Build the tiny face set at a resolution from the reference chips (150 px)."""
+    from PIL import Image
+    path = root / "reference" / "models" / "ref_chips.npz"
+    if not path.exists():
+        pytest.skip(f"{path} not found")
+    d = np.load(path)
+    chips = d["chips150"]
+    gray = np.stack([np.asarray(Image.fromarray(c).convert("L").resize((resolution, resolution), Image.BILINEAR))
+                     for c in chips])
+    rgb = np.stack([np.asarray(Image.fromarray(c).resize((resolution, resolution), Image.BILINEAR)) for c in chips])
+    lm = (_chip_landmarks(d) + 0.5) * (resolution / 150) - 0.5
+    return TinyFaces(gray, rgb, lm.astype(np.float32), d["is_male"].astype(np.int64), d["identity"].astype(str))
+
+
+@pytest.fixture(scope="session")
+def tiny_faces(shared_dir) -> TinyFaces:
+    """Eight real aligned faces at 32 px."""
+    return load_tiny_faces(shared_dir, 32)
+
+
+@pytest.fixture(scope="session")
+def tiny_faces_factory(shared_dir):
+    """Call with a resolution to get the eight real faces at that size."""
+    cache: dict[int, TinyFaces] = {}
+    return lambda r: cache.setdefault(r, load_tiny_faces(shared_dir, r))

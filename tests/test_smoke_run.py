@@ -1,0 +1,65 @@
+"""The real pipeline on the `smoke` preset, end to end, through the real runner and report.
+
+Runs once per test session (module fixture) into a temporary outputs folder; the assertions read the
+files and metrics JSON the stages wrote, and open the report in headless Chromium where available.
+"""
+import json
+from pathlib import Path
+
+import pytest
+
+from flowsan_lib import config, pipeline, report
+
+from .browser import chromium_page
+
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("outputs")
+    result = pipeline.run("smoke", output_dir=out)
+    return result
+
+
+def test_every_stage_ran_and_wrote_its_outputs(smoke_run):
+    run_dir = smoke_run.run_dir
+    assert smoke_run.ran == [s.name for s in pipeline.STAGES]
+    for stage in pipeline.STAGES:
+        for name in stage.outputs:
+            assert (run_dir / stage.name / name).exists(), f"{stage.name}/{name}"
+        assert (run_dir / "notebooks" / f"{stage.name}.ipynb").exists()
+        assert (run_dir / "logs" / f"{stage.name}.log").exists()
+    assert config.load(run_dir / "params.yaml") == config.load("smoke")
+
+
+def test_metrics_json_holds_the_headline_numbers(smoke_run):
+    run_dir = smoke_run.run_dir
+    data = json.loads((run_dir / "01_data" / "metrics.json").read_text())
+    assert data and all(isinstance(v, (dict, list, int, float, str)) for v in data.values())
+    flow = json.loads((run_dir / "04_flowsan" / "metrics.json").read_text())
+    assert flow, "04_flowsan wrote empty metrics"
+    ev = json.loads((run_dir / "05_evaluate" / "metrics.json").read_text())
+    assert ev, "05_evaluate wrote empty metrics"
+
+
+def test_second_run_skips_everything(smoke_run):
+    again = pipeline.run("smoke", output_dir=smoke_run.run_dir.parent, report=False)
+    assert again.ran == [] and len(again.skipped) == len(pipeline.STAGES)
+
+
+def test_report_opens_offline(smoke_run):
+    pages = sorted((smoke_run.run_dir / "report").glob("*.html"))
+    assert {p.stem for p in pages} >= {"index"} | {s.name for s in pipeline.STAGES}
+    for page in pages:
+        text = page.read_text()
+        assert report.external_references(text) == [], page.name
+        assert "<script" not in text.lower(), page.name
+    ARTIFACTS.mkdir(exist_ok=True)
+    with chromium_page() as (page, network):
+        for html in pages:
+            page.goto(html.as_uri())
+            page.wait_for_load_state("load")
+            page.screenshot(path=str(ARTIFACTS / f"report-{html.stem}.png"), full_page=False)
+        assert network == [], f"report pages tried to load {network[:5]}"
+        assert (ARTIFACTS / "report-index.png").stat().st_size > 1000

@@ -85,6 +85,7 @@ class SanParams:
     w_pixel: float = 1.0            # lambda_1
     w_match: float = 8.0            # lambda_2 (sum-reduced over batch and dims as the original)
     w_gender: float = 1.0           # lambda_3
+    gender_target: Literal["flip", "uniform"] = "flip"  # J_G target for I'_op: 1-y (paper) or 0.5 (undecided)
     match_warmup_epochs: int = 0    # epochs without J_M at the start of each stage
     matcher: str = "faceapi"        # auxiliary matcher M
     init_from_ensemble: bool = False  # start each FlowSAN stage from the matching ensemble SAN

@@ -82,3 +82,14 @@ def tiny_faces_factory(shared_dir):
     """Call with a resolution to get the eight real faces at that size."""
     cache: dict[int, TinyFaces] = {}
     return lambda r: cache.setdefault(r, load_tiny_faces(shared_dir, r))
+
+
+@pytest.fixture(scope="session")
+def faceapi_matcher():
+    """The real auxiliary matcher (face-api ResNet), frozen; skips when its weights are not fetched."""
+    from flowsan_lib.models.fetch import FetchError
+    from flowsan_lib.models.interfaces import load_matcher
+    try:
+        return load_matcher("faceapi")
+    except FetchError as e:
+        pytest.skip(f"face-api weights not fetched: {e}")

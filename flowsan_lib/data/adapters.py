@@ -47,10 +47,8 @@ class DataError(RuntimeError):
 
 def _table(rows: list[dict], source: str) -> pd.DataFrame:
     """Rows -> DataFrame with every column, defaults filled, sorted by path."""
-    df = pd.DataFrame(rows, columns=COLUMNS)
     defaults = {"source": source, "gender": -1, "identity": "", "race": -1, "age": -1, "partition": "", "note": ""}
-    for col, val in defaults.items():
-        df[col] = df[col].fillna(val) if len(df) else df[col]
+    df = pd.DataFrame([{**defaults, **r} for r in rows], columns=COLUMNS)
     df = df.astype({"path": str, "source": str, "gender": int, "identity": str, "race": int, "age": int,
                     "partition": str, "note": str})
     return df.sort_values("path", kind="stable").reset_index(drop=True)

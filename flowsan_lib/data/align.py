@@ -12,7 +12,8 @@ files cannot crash on one bad file:
 | "truncated" | the file ends early (decoding would invent pixels) |
 | "no_face"   | no detection in any detector pass |
 
-Kept images may carry flags: several detections (the largest is taken, `n_faces` > 1), a
+Kept images may carry flags: several detections (`n_faces` > 1: the largest face that lies wholly
+inside the image is taken, so that a bigger face cut by the border, often a bystander, is not), a
 converted colour mode (`mode` is not RGB: CMYK, RGBA, LA, P, 16-bit, grayscale...), or a fallback
 detector pass (`det_pass` > 0: zero-padded image and/or upsample 0, for tight crops like UTKFace).
 """
@@ -31,7 +32,7 @@ CHIP_SIZE = 150          # dlib face chip side, as the reference pack and dlib's
 CHIP_PADDING = 0.25      # dlib face chip padding
 DETECT_THRESHOLD = 0.0   # dlib HOG detector adjust_threshold
 PAD_FRACTION = 0.25      # zero border added (per side) in the fallback passes
-ALIGN_VERSION = 1        # bump when the recipe changes: it invalidates the crop cache
+ALIGN_VERSION = 2        # bump when the recipe changes: it invalidates the crop cache
 PREDICTOR_FILE = "shape_predictor_5_face_landmarks.dat"
 
 
@@ -145,6 +146,13 @@ def chip_landmarks(points: np.ndarray, details) -> np.ndarray:
     return (local / [step_x, step_y] + [(n - 1) / 2, (details.cols - 1) / 2]).astype(np.float32)
 
 
+def pick_face(rects, width: int, height: int) -> int:
+    """Index of the largest detection wholly inside the image (of the largest overall if none is)."""
+    inside = [r.left() >= 0 and r.top() >= 0 and r.right() < width and r.bottom() < height for r in rects]
+    areas = [r.area() if ok or not any(inside) else -1 for r, ok in zip(rects, inside)]
+    return int(np.argmax(areas))
+
+
 def detect_align(rgb: np.ndarray, upsample: int = 1) -> tuple[np.ndarray | None, np.ndarray | None, dict]:
     """Detect (largest face), predict 5 landmarks and cut the 150 px chip from an RGB array."""
     import dlib
@@ -161,7 +169,7 @@ def detect_align(rgb: np.ndarray, upsample: int = 1) -> tuple[np.ndarray | None,
     else:
         info["detail"] = f"no detection in {len(detector_passes(upsample))} passes"
         return None, None, info
-    best = int(np.argmax([r.area() for r in rects]))
+    best = pick_face(rects, img.shape[1], img.shape[0])
     shape = predictor(img, rects[best])
     details = dlib.get_face_chip_details(shape, CHIP_SIZE, CHIP_PADDING)
     chip = dlib.extract_image_chip(img, details)  # identical to get_face_chip(img, shape, 150, 0.25)
@@ -171,20 +179,20 @@ def detect_align(rgb: np.ndarray, upsample: int = 1) -> tuple[np.ndarray | None,
                 rect=[r.left() - px, r.top() - py, r.right() - px, r.bottom() - py],
                 landmarks_image=(pts - [px, py]).astype(np.float32))
     if len(rects) > 1:
-        info["detail"] = f"{len(rects)} faces; took the largest ({r.width()}x{r.height()} px)"
+        info["detail"] = f"{len(rects)} faces; took the largest wholly inside the image ({r.width()}x{r.height()} px)"
     return np.ascontiguousarray(chip, dtype=np.uint8), chip_landmarks(pts, details), info
 
 
 def align_image(src, upsample: int = 1) -> tuple[np.ndarray | None, np.ndarray | None, dict]:
     """Path, bytes, PIL image or array -> (chip150 RGB uint8 | None, landmarks5 [5,2] in chip px | None, info)."""
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     rgb, info = read_rgb(src)
     chip = lm = None
     if rgb is not None:
         chip, lm, det = detect_align(rgb, upsample)
         info.update(det)
         info["size"] = [int(rgb.shape[1]), int(rgb.shape[0])]
-    info["seconds"] = time.perf_counter() - t0
+    info["seconds"], info["cpu_seconds"] = time.perf_counter() - t0, time.process_time() - c0
     return chip, lm, info
 
 

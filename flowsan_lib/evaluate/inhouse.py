@@ -39,15 +39,15 @@ class _Basic(nn.Module):
 
 
 def resnet_small() -> nn.Module:
-    """Stem + three residual stages (32, 64, 128 channels) + global average pool (~0.7 M params)."""
-    return nn.Sequential(_bn_relu(1, 32), _Basic(32, 32, 1), _Basic(32, 64, 2), _Basic(64, 128, 2),
+    """Stride-2 stem + residual stages (32, 64, 128 channels) + global average pool (~0.6 M params)."""
+    return nn.Sequential(_bn_relu(1, 32, 3, 2), _Basic(32, 32, 1), _Basic(32, 64, 2), _Basic(64, 128, 2),
                          _Basic(128, 128, 2), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 2))
 
 
 def wide_shallow() -> nn.Module:
-    """Two wide layers (5x5 conv 128, 3x3 conv 256) with large pooling: few layers, many channels."""
-    return nn.Sequential(_bn_relu(1, 128, 5), nn.MaxPool2d(4), _bn_relu(128, 256, 3), nn.MaxPool2d(2),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.3), nn.Linear(256, 2))
+    """Two wide layers (5x5 stride-2 conv 96, 3x3 conv 192) with max pooling: few layers, many channels."""
+    return nn.Sequential(_bn_relu(1, 96, 5, 2), nn.MaxPool2d(2), _bn_relu(96, 192, 3), nn.MaxPool2d(2),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.3), nn.Linear(192, 2))
 
 
 def separable() -> nn.Module:
@@ -114,10 +114,16 @@ def augment_batch(xb: torch.Tensor) -> torch.Tensor:
 
 
 def train_cnn(name: str, arch: str, train_x, train_y, valid_x, valid_y, epochs: int,
-              lr: float = 3e-3, batch_size: int = 64, device: str = "cpu", seed: int = 0,
+              lr: float = 3e-3, batch_size: int = 0, device: str = "cpu", seed: int = 0,
               provenance: dict | None = None) -> tuple[InhouseCNN, dict]:
-    """Train a CNN with fastai's one-cycle schedule; returns the frozen model and its history."""
+    """Train a CNN with fastai's one-cycle schedule; returns the frozen model and its history.
+
+    batch_size 0: about a tenth of the training set, between 8 and 64, so that small sets still
+    get several optimizer steps per epoch.
+    """
+    import fastai.callback.schedule  # noqa: F401  (adds Learner.fit_one_cycle)
     from fastai.callback.core import Callback
+    from fastai.callback.progress import ProgressCallback
     from fastai.data.core import DataLoaders
     from fastai.data.load import DataLoader
     from fastai.learner import Learner
@@ -130,7 +136,9 @@ def train_cnn(name: str, arch: str, train_x, train_y, valid_x, valid_y, epochs: 
             if self.training:
                 self.learn.xb = (augment_batch(self.xb[0]),)
 
-    torch.manual_seed(seed)
+    from fastai.torch_core import set_seed
+    set_seed(seed)                               # python, numpy and torch: fastai's shuffling uses `random`
+    batch_size = batch_size or int(np.clip(len(train_y) // 10, 8, 64))
     model = InhouseCNN(name, arch, provenance)
     tx, ty = _tensors(train_x, train_y)
     vx, vy = _tensors(valid_x, valid_y)
@@ -139,9 +147,11 @@ def train_cnn(name: str, arch: str, train_x, train_y, valid_x, valid_y, epochs: 
     dls = DataLoaders(DataLoader(train_ds, bs=batch_size, shuffle=True, drop_last=len(train_ds) > batch_size),
                       DataLoader(valid_ds, bs=256), device=torch.device(device))
     learn = Learner(dls, model.logits, loss_func=CrossEntropyLossFlat(), metrics=accuracy, cbs=[Augment()])
-    with learn.no_bar(), learn.no_logging():
-        learn.fit_one_cycle(epochs, lr)
-    history = {"epochs": epochs, "lr": lr, "n_train": int(len(ty)), "n_valid": int(len(vy)),
+    learn.logger = lambda *a, **k: None          # no printed tables or widget bars: reports stay static
+    if any(isinstance(c, ProgressCallback) for c in learn.cbs):
+        learn.remove_cb(ProgressCallback)
+    learn.fit_one_cycle(epochs, lr)
+    history = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "n_train": int(len(ty)), "n_valid": int(len(vy)),
                "final_train_loss": float(learn.recorder.losses[-1]) if learn.recorder.losses else float("nan"),
                "valid": [[float(v) for v in row[1:]] for row in learn.recorder.values]}  # [valid_loss, accuracy]
     model.provenance.update(n_train=int(len(ty)), epochs=epochs)

@@ -135,64 +135,76 @@ def percentile_ci(values, level: float = 0.95) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
-def with_ci(stat, boot_weights, level: float = 0.95) -> dict:
-    """{"value", "lo", "hi"} of stat(w): w=None for the point estimate, each row of boot_weights for replicates."""
-    value = stat(None)
-    reps = [stat(w) for w in boot_weights]
+def summarize(value: float, reps, level: float = 0.95) -> dict:
+    """{"value", "lo", "hi"} from a point estimate and its bootstrap replicates."""
     lo, hi = percentile_ci(reps, level)
     return {"value": float(value), "lo": lo, "hi": hi}
 
 
-def classifier_metrics(p_male, is_male, boot_weights) -> dict:
-    """AUC, EER and |AUC - 0.5| of P(male) scores, each with bootstrap CIs over images."""
+def boot(stat, boot_weights) -> tuple[float, np.ndarray]:
+    """(stat(None), [stat(w) for each row of boot_weights]): a point estimate and its replicates."""
+    return float(stat(None)), np.array([stat(w) for w in boot_weights], dtype=float)
+
+
+def gender_stats(p_male, is_male, boot_weights) -> dict[str, tuple[float, np.ndarray]]:
+    """auc, eer, auc_dev (= |AUC - 0.5|) of P(male) scores: (value, bootstrap replicates) each."""
     p_male, is_male = np.asarray(p_male, float), np.asarray(is_male, bool)
-    out = {}
-    aucs = [roc_auc(p_male, is_male, w) for w in boot_weights]
-    auc = roc_auc(p_male, is_male)
-    out["auc"] = {"value": auc, **dict(zip(("lo", "hi"), percentile_ci(aucs)))}
-    dev = [abs(a - 0.5) for a in aucs]
-    out["auc_dev"] = {"value": abs(auc - 0.5), **dict(zip(("lo", "hi"), percentile_ci(dev)))}
-    out["eer"] = with_ci(lambda w: eer(p_male, is_male, w), boot_weights)
-    out["n"] = int(len(p_male))
-    out["n_male"] = int(is_male.sum())
-    return out
+    auc = boot(lambda w: roc_auc(p_male, is_male, w), boot_weights)
+    return {"auc": auc,
+            "eer": boot(lambda w: eer(p_male, is_male, w), boot_weights),
+            "auc_dev": (abs(auc[0] - 0.5), np.abs(auc[1] - 0.5))}
 
 
-def matcher_metrics(genuine, impostor, gen_idx, imp_idx, boot_weights, fmrs=(1e-3, 1e-2)) -> dict:
-    """TMR at each FMR, EER and AUC of genuine/impostor scores; CIs from image-level weights.
+def match_stats(genuine, impostor, gen_idx, imp_idx, boot_weights,
+                fmrs=(1e-3, 1e-2)) -> dict[str, tuple[float, np.ndarray]]:
+    """tmr_at_fmr_<f> for each f, eer and auc of genuine/impostor scores: (value, replicates) each.
 
-    gen_idx, imp_idx: [n_pairs, 2] test-image indices of each pair, to weigh pair (a, b) by k_a * k_b.
+    gen_idx, imp_idx: [n_pairs, 2] test-image indices of each pair; a bootstrap row w of image
+    multiplicities weighs pair (a, b) by w[a] * w[b].
     """
     genuine, impostor = np.asarray(genuine, float), np.asarray(impostor, float)
     gen_idx = np.asarray(gen_idx, int).reshape(-1, 2)
     imp_idx = np.asarray(imp_idx, int).reshape(-1, 2)
     labels = np.concatenate([np.ones(len(genuine), bool), np.zeros(len(impostor), bool)])
     scores = np.concatenate([genuine, impostor])
+    fmrs = np.asarray(fmrs, float)
 
     def pair_w(w):
         if w is None:
             return None, None
         return w[gen_idx[:, 0]] * w[gen_idx[:, 1]], w[imp_idx[:, 0]] * w[imp_idx[:, 1]]
 
-    fmrs = np.asarray(fmrs, float)
-    point = tmr_at_fmr(genuine, impostor, fmrs)
-    reps = np.array([tmr_at_fmr(genuine, impostor, fmrs, *pair_w(w)) for w in boot_weights]).reshape(-1, len(fmrs))
-    out = {}
-    for k, f in enumerate(fmrs):
-        lo, hi = percentile_ci(reps[:, k]) if len(reps) else (float("nan"), float("nan"))
-        out[f"tmr_at_fmr_{fmr_key(f)}"] = {"value": float(point[k]), "lo": lo, "hi": hi}
-
     def both_w(w):
-        g, i = pair_w(w)
-        return None if w is None else np.concatenate([g, i])
+        return None if w is None else np.concatenate(pair_w(w))
 
-    out["eer"] = with_ci(lambda w: eer(scores, labels, both_w(w)), boot_weights)
-    out["auc"] = with_ci(lambda w: roc_auc(scores, labels, both_w(w)), boot_weights)
-    out["roc"] = {fmr_key(f): float(t) for f, t in zip(FMR_GRID, tmr_at_fmr(genuine, impostor, FMR_GRID))}
+    point = np.atleast_1d(tmr_at_fmr(genuine, impostor, fmrs))
+    reps = np.array([tmr_at_fmr(genuine, impostor, fmrs, *pair_w(w)) for w in boot_weights]).reshape(-1, len(fmrs))
+    out = {f"tmr_at_fmr_{fmr_key(f)}": (float(point[k]), reps[:, k]) for k, f in enumerate(fmrs)}
+    out["eer"] = boot(lambda w: eer(scores, labels, both_w(w)), boot_weights)
+    out["auc"] = boot(lambda w: roc_auc(scores, labels, both_w(w)), boot_weights)
+    return out
+
+
+def classifier_metrics(p_male, is_male, boot_weights) -> dict:
+    """AUC, EER and |AUC - 0.5| of P(male) scores, each {"value", "lo", "hi"}, plus counts."""
+    out = {k: summarize(*v) for k, v in gender_stats(p_male, is_male, boot_weights).items()}
+    out["n"] = int(len(p_male))
+    out["n_male"] = int(np.sum(np.asarray(is_male, bool)))
+    return out
+
+
+def matcher_metrics(genuine, impostor, gen_idx, imp_idx, boot_weights, fmrs=(1e-3, 1e-2)) -> dict:
+    """TMR at each FMR, EER, AUC ({"value", "lo", "hi"}), the ROC on FMR_GRID, and counts."""
+    out = {k: summarize(*v) for k, v in match_stats(genuine, impostor, gen_idx, imp_idx, boot_weights, fmrs).items()}
+    out["roc"] = roc_on_grid(genuine, impostor)
     out["n_genuine"] = int(len(genuine))
     out["n_impostor"] = int(len(impostor))
-    out["min_fmr"] = (1.0 / len(impostor)) if len(impostor) else float("nan")  # resolution of the FMR axis
     return out
+
+
+def roc_on_grid(genuine, impostor, grid=FMR_GRID) -> dict:
+    """{fmr key: TMR} on a fixed FMR grid (the raw scores are kept beside metrics.json)."""
+    return {fmr_key(f): float(t) for f, t in zip(grid, np.atleast_1d(tmr_at_fmr(genuine, impostor, grid)))}
 
 
 def fmr_key(f: float) -> str:

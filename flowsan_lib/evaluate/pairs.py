@@ -96,33 +96,25 @@ def same_image_pairs(identities, n_impostor: int, seed: int) -> Pairs:
 
 # --- LFW pairs.txt ----------------------------------------------------------------------------
 
-def parse_lfw_pairs(text: str) -> list[tuple[str, str, bool]]:
-    """(image stem a, image stem b, same person) for each line of an LFW pairs file."""
-    out = []
-    for line in text.splitlines()[1:]:             # first line: folds and pairs per fold
-        f = line.split()
-        if len(f) == 3:
-            out.append((f"{f[0]}_{int(f[1]):04d}", f"{f[0]}_{int(f[2]):04d}", True))
-        elif len(f) == 4:
-            out.append((f"{f[0]}_{int(f[1]):04d}", f"{f[2]}_{int(f[3]):04d}", False))
-    return out
-
-
 def image_stem(path: str) -> str:
     """'.../George_W_Bush/George_W_Bush_0001.jpg' -> 'George_W_Bush_0001'."""
     return re.sub(r"\.(jpe?g|png)$", "", Path(str(path)).name, flags=re.I)
 
 
-def lfw_pairs(pairs_txt: str | Path, paths) -> Pairs:
-    """Official LFW pairs whose two images are both among `paths` (the test set's image paths)."""
-    pairs_txt = Path(pairs_txt)
-    if not pairs_txt.exists():
-        return Pairs("lfw_pairs", [], [], f"no {pairs_txt.name} found")
+def lfw_pairs(pair_table, paths) -> Pairs:
+    """Official LFW pairs whose two images are both among `paths` (the test set's image paths).
+
+    pair_table: `flowsan_lib.data.adapters.load_lfw_pairs` output (name1, num1, name2, num2, same),
+    or None when the protocol file is not available.
+    """
+    if pair_table is None or len(pair_table) == 0:
+        return Pairs("lfw_pairs", [], [], "LFW pairs.txt not available for this data source")
     where = {image_stem(p): i for i, p in enumerate(paths)}
-    listed = parse_lfw_pairs(pairs_txt.read_text())
     gen, imp = [], []
-    for a, b, same in listed:
+    for n1, k1, n2, k2, same in zip(pair_table["name1"], pair_table["num1"], pair_table["name2"],
+                                    pair_table["num2"], pair_table["same"]):
+        a, b = f"{n1}_{int(k1):04d}", f"{n2}_{int(k2):04d}"
         if a in where and b in where:
             (gen if same else imp).append((where[a], where[b]))
-    note = f"{len(gen) + len(imp)} of the {len(listed)} listed pairs have both images in this test set"
+    note = f"{len(gen) + len(imp)} of the {len(pair_table)} listed pairs have both images in this test set"
     return Pairs("lfw_pairs", gen, imp, note)

@@ -37,10 +37,11 @@ class TorchClassifier:
     seen: bool = False
     batch_size: int = 64
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    label: str = ""             # overrides module.name
 
     @property
     def name(self) -> str:
-        return self.module.name
+        return self.label or self.module.name
 
     @property
     def provenance(self) -> dict:
@@ -83,10 +84,21 @@ def pretrained_classifiers(names, device) -> list[TorchClassifier]:
     return [TorchClassifier(load_gender_classifier(n), "pretrained", False, device=device) for n in names]
 
 
-def matchers(names, seen_name: str, device) -> list[TorchMatcher]:
-    """The face matchers named in EvalParams.matchers; the SAN's auxiliary matcher is flagged seen."""
+# matchers that are the same network: face-api's FaceRecognitionNet is a uint8-quantized copy of
+# dlib's ResNet (cosine >= 0.9996 between them), so with either as the SAN's auxiliary matcher the
+# other is not unseen.
+SAME_NETWORK = {"faceapi": {"dlib"}, "dlib": {"faceapi"}}
+
+
+def is_seen_matcher(name: str, aux_matcher: str) -> bool:
+    """True for the SAN's auxiliary matcher and for any copy of its network."""
+    return name == aux_matcher or name in SAME_NETWORK.get(aux_matcher, set())
+
+
+def matchers(names, aux_matcher: str, device) -> list[TorchMatcher]:
+    """The face matchers named in EvalParams.matchers; the auxiliary matcher and its copies are flagged seen."""
     from ..models import load_matcher
-    return [TorchMatcher(load_matcher(n), seen=(n == seen_name), device=device) for n in names]
+    return [TorchMatcher(load_matcher(n), seen=is_seen_matcher(n, aux_matcher), device=device) for n in names]
 
 
 def inhouse_classifiers(faces_gray, source, split, is_male, epochs: int, folder, device, seed: int,
@@ -116,3 +128,10 @@ def classical_suite(train_gray, train_male, seed: int, log=print) -> list[classi
         log(f"fitting {clf.name} on {len(train_male)} images")
         out.append(clf.fit(train_gray, train_male, seed=seed))
     return out
+
+
+def auxiliary_classifiers(aux_dir, n: int, device) -> list[TorchClassifier]:
+    """The SANs' own auxiliary classifiers G_1..G_n, flagged seen: a reference, never in summaries."""
+    from ..flow import load_aux_classifiers
+    return [TorchClassifier(g, "auxiliary", True, device=device, label=f"aux_G{i:02d}")
+            for i, g in enumerate(load_aux_classifiers(aux_dir, n), 1)]

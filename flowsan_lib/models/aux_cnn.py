@@ -7,6 +7,7 @@ It follows the GenderClassifier interface: forward(x [B,1,R,R] in [0,1]) -> P(ma
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -88,6 +89,7 @@ def load_aux(path: Path, device: str | torch.device = "cpu") -> AuxGenderCNN:
     if "config" not in meta:
         raise ValueError(f"{path} has no 'config' metadata: not an auxiliary classifier file")
     prov = json.loads(meta.get("provenance", "{}"))
+    prov["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()  # ties a SAN to the exact G it saw
     net = AuxGenderCNN(**json.loads(meta["config"]), name=meta.get("name", path.stem), provenance=prov)
     net.load_state_dict(load_file(str(path)))
     return freeze(net.to(device))

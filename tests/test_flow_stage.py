@@ -1,0 +1,63 @@
+"""The 02-04 stage entry points end to end on a tiny run folder of real faces (real matcher)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from flowsan_lib import config
+from flowsan_lib.flow import load_model, load_test_outputs, run_flowsan_stage, to_uint8
+from flowsan_lib.prototypes import run_prototypes_stage
+from flowsan_lib.train import run_aux_stage
+
+SPLIT = ["train", "val", "train", "test", "train", "val", "train", "test"]  # 2 men, 2 women in train
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_faces, tmp_path_factory, faceapi_matcher):
+    """A run folder whose 01_data holds the eight real faces in the data stage's format."""
+    d = tmp_path_factory.mktemp("run")
+    data = d / "01_data"
+    data.mkdir()
+    tf = tiny_faces
+    np.savez(data / "faces.npz", gray=tf.gray, rgb=tf.rgb, landmarks=tf.landmarks)
+    pd.DataFrame({"path": [f"{i}.jpg" for i in range(8)], "source": "lfw", "gender": tf.gender,
+                  "identity": tf.identity, "race": -1, "split": SPLIT, "age": -1, "sha1": ""}
+                 ).to_csv(data / "faces.csv", index=False)
+    return d
+
+
+def test_stages_02_to_04(run_dir):
+    torch.set_num_threads(1)
+    P = config.from_dict({"seed": 5, "data": {"resolution": 32},
+                          "aux": {"n_classifiers": 2, "arch": "small", "epochs": 1, "batch_size": 4, "replicate": 2,
+                                  "subset_frac": 0.25},
+                          "san": {"n_stages": 2, "epochs": 1, "batch_size": 4, "width": 0.25, "precision": "fp32"}})
+    for name in ("02_prototypes", "03_aux_classifiers", "04_flowsan"):
+        (run_dir / name).mkdir(exist_ok=True)
+    m2 = run_prototypes_stage(P, run_dir, run_dir / "02_prototypes")
+    assert (m2["n_female"], m2["n_male"]) == (2, 2)
+    m3 = run_aux_stage(P, run_dir, run_dir / "03_aux_classifiers")
+    assert set(m3["val_auc"]) == {"G01", "G02"} and m3["resampling"]["race"] is None
+    m4 = run_flowsan_stage(P, run_dir, run_dir / "04_flowsan")
+    out = run_dir / "04_flowsan"
+    assert json.loads((out / "metrics.json").read_text())["n_test"] == 2 == m4["n_test"]
+    assert len(m4["aux_auc"]["G01"]["flowsan"]) == 2 and len(m4["matcher"]["tmr_flowsan"]) == 2
+    assert m4["seconds"]["flowsan_train"][0] == m4["seconds"]["ensemble_train"][0]  # stage 1 = member 1
+    d = load_test_outputs(out / "outputs_test.npz")
+    assert d["flowsan"].shape == d["ens_members"].shape == d["ens_avg"].shape == (2, 2, 32, 32)
+    assert d["original"].dtype == np.uint8 and d["ens_gibbs_pick"].shape == (2, 2)
+    assert (d["rows"] == [3, 7]).all() and list(d["identity"]) == ["Tony_Blair", "Laura_Bush"]
+    # the saved FlowSAN folder reproduces the stored test outputs exactly
+    model = load_model(out / "flowsan")
+    x = torch.from_numpy(d["original"]).float().div(255).unsqueeze(1)
+    # stored outputs were computed from the float originals, which equal uint8/255 here
+    seq = model.outputs(x, torch.from_numpy(d["gender"]).float())
+    assert all((to_uint8(s) == d["flowsan"][t]).all() for t, s in enumerate(seq))
+    assert load_model(out / "ensemble").kind == "ensemble"
+    # a second call finds every stage finished and trains nothing
+    again = run_flowsan_stage(P, run_dir, out)
+    assert all(s.get("loaded") or s.get("shared_with") for s in again["flowsan_stages"])

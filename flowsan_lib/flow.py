@@ -104,10 +104,6 @@ def cached_descriptors(matcher, name: str, gray: np.ndarray, path: Path, device=
 
 # --- one SAN ---------------------------------------------------------------------------------
 
-def make_san(resolution: int, sp, proto_channels: int) -> SAN:
-    return SAN(resolution, proto_channels, sp.width)
-
-
 def san_loss(sp, gender, matcher) -> SanLoss:
     """The loss of one SAN from SanParams, with its frozen G_i and the shared M."""
     return SanLoss(gender, matcher, sp.w_pixel, sp.w_match, sp.w_gender, sp.pixel_loss, sp.pixel_target,
@@ -119,8 +115,10 @@ def train_san(san: SAN, train: StageData, valid: StageData, gender, matcher, sp,
     """Train one SAN with fastai (resuming from ckpt_dir); returns the fit summary."""
     device = torch.device(device)
     loss = san_loss(sp, gender.to(device).eval(), matcher.to(device).eval() if matcher is not None else None)
-    tl = TensorLoader(len(train), train.batch_fn(sp.pixel_target), sp.batch_size, shuffle=True, seed=seed, device=device)
-    vl = TensorLoader(len(valid), valid.batch_fn(sp.pixel_target), max(sp.batch_size, 64), device=device)
+    tl = TensorLoader(len(train), train.batch_fn(sp.pixel_target), sp.batch_size, shuffle=True, seed=seed,
+                      device=device)
+    # same batch size for validation: a sum-reduced J_M scales with it
+    vl = TensorLoader(len(valid), valid.batch_fn(sp.pixel_target), sp.batch_size, device=device)
     learn = build_learner(san.to(device), make_dls(tl, vl, n_inp=3), loss,
                           cbs=[MatchWarmup(sp.match_warmup_epochs)], precision=sp.precision)
     summary = fit_resumable(learn, sp.epochs, sp.lr, ckpt_dir, params, tag, history, seed, extra_cbs=extra_cbs)
@@ -129,7 +127,8 @@ def train_san(san: SAN, train: StageData, valid: StageData, gender, matcher, sp,
 
 
 @torch.no_grad()
-def apply_san(san: SAN, x: torch.Tensor, bank: ProtoBank, y: torch.Tensor, bs: int = 128, device="cpu") -> torch.Tensor:
+def apply_san(san: SAN, x: torch.Tensor, bank: ProtoBank, y: torch.Tensor, bs: int = 128,
+              device="cpu") -> torch.Tensor:
     """I' = SAN(x; P_sm, P_op)_op for every row, fp32, in batches: the transform between stages."""
     san = san.to(device).eval()
     out = []
@@ -558,7 +557,8 @@ def seen_metrics(aux: list, matcher, d: dict, seed: int) -> dict:
 def _split_data(fs, split: str, desc: torch.Tensor, bank: ProtoBank) -> tuple[np.ndarray, StageData]:
     rows = np.flatnonzero((fs.table["split"].to_numpy() == split) & (fs.table["gender"].to_numpy() >= 0))
     if len(rows) == 0:
-        raise ValueError(f"the {split} split has no labelled face: the 04_flowsan stage needs train, val and test faces")
+        raise ValueError(f"the {split} split has no labelled face: "
+                         "the 04_flowsan stage needs train, val and test faces")
     x = to_images(fs.gray[rows])
     y = torch.from_numpy(fs.table["gender"].to_numpy()[rows]).float()
     return rows, StageData(x, x, desc[rows], y, bank.subset(rows))

@@ -86,6 +86,7 @@ class SanLoss(nn.Module):
             j_m = match_loss(self.matcher(out_sm), self.matcher(out_op), desc_orig, self.match_reduction)
         j_g = zero
         if self.w_gender:
-            j_g = gender_loss(gender_logit(self.gender, out_sm), gender_logit(self.gender, out_op), y, self.gender_target)
+            z_sm, z_op = gender_logit(self.gender, out_sm), gender_logit(self.gender, out_op)
+            j_g = gender_loss(z_sm, z_op, y, self.gender_target)
         self.last = {"J_D": float(j_d.detach()), "J_M": float(j_m.detach()), "J_G": float(j_g.detach())}
         return self.w_pixel * j_d + self.w_match * j_m + self.w_gender * j_g

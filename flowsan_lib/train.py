@@ -275,7 +275,8 @@ class Augment(Callback):
         s = max(1, int(round(self.max_shift * r)))
         shifts = torch.randint(-s, s + 1, (b, 2), generator=g)
         pad = torch.nn.functional.pad(x, (s, s, s, s), mode="replicate")
-        out = torch.stack([pad[i, :, s + dy:s + dy + r, s + dx:s + dx + r] for i, (dy, dx) in enumerate(shifts.tolist())])
+        out = torch.stack([pad[i, :, s + dy:s + dy + r, s + dx:s + dx + r]
+                           for i, (dy, dx) in enumerate(shifts.tolist())])
         self.learn.xb = (out,) + tuple(self.xb[1:])
 
 
@@ -364,7 +365,8 @@ def fit_resumable(learn: Learner, epochs: int, lr: float, ckpt_dir: Path, params
             raise ValueError(f"{path} was produced by different parameters; remove {ckpt_dir} to restart.\n"
                              f"checkpoint: {meta.get('params')}\nnow: {params}")
         print(f"[{tag}] resuming after epoch {done} from {path.name}", flush=True)
-    cbs = [EpochSeed(seed), History(history, done), TextProgress(tag), NaNGuard(tag), Checkpoint(ckpt_dir, params), *extra_cbs]
+    cbs = [EpochSeed(seed), History(history, done), TextProgress(tag), NaNGuard(tag), Checkpoint(ckpt_dir, params),
+           *extra_cbs]
     if done < epochs:
         if one_cycle:
             learn.fit_one_cycle(epochs, lr, cbs=cbs, start_epoch=done)

@@ -55,6 +55,16 @@ def metrics_frame(metrics: dict) -> pd.DataFrame:
     return df
 
 
+KIND_ORDER = ["pretrained", "inhouse", "classical", "matcher", "auxiliary"]
+
+
+def model_order(df: pd.DataFrame) -> list[str]:
+    """Panel order: unseen pretrained, in-house, classical models first, seen ones last."""
+    d = df.drop_duplicates("model_label")
+    key = [(bool(s), KIND_ORDER.index(k) if k in KIND_ORDER else 9, m) for s, k, m in zip(d.seen, d.kind, d.model_label)]
+    return [m for *_, m in sorted(key)]
+
+
 # --- charts ---------------------------------------------------------------------------------
 
 def _color(present=None):
@@ -86,7 +96,7 @@ def _metric_vs_t(df: pd.DataFrame, y_title: str, ref: float | None, width=150, h
     if ref is not None:
         layers.append(base.mark_rule(color="gray", strokeDash=[2, 2], opacity=0.6).encode(y=alt.datum(ref)))
     return alt.layer(*layers, data=data).properties(width=width, height=height).facet(
-        facet=alt.Facet("model_label:N", title=None), columns=columns)
+        facet=alt.Facet("model_label:N", title=None, sort=model_order(df)), columns=columns)
 
 
 def gender_vs_t(metrics: dict, metric: str = "auc") -> alt.VConcatChart:

@@ -65,8 +65,9 @@ class Explorer:
         return viz.method_image(self.seq, method, t, i, self.s["gibbs_choice"], best)
 
     def anonymisation(self, method: str, t: int) -> np.ndarray:
-        """[N] mean over unseen classifiers of P(true gender): 0.5 = chance, lower = label flipped."""
-        p = self.p_male[:, self._m(method), t]                            # every classifier is unseen
+        """[N] mean over the unseen classifiers of P(true gender): 0.5 = chance, lower = label flipped."""
+        unseen = [k for k, kind in enumerate(self.kinds) if kind != "auxiliary"] or list(range(len(self.kinds)))
+        p = self.p_male[unseen, self._m(method), t]
         return np.nanmean(np.where(self.is_male, p, 1 - p), axis=0)
 
     def order(self, test_set: str, browse: str, method: str, t: int) -> np.ndarray:
@@ -115,14 +116,16 @@ class Explorer:
             rows.append(f"<tr><td>{html.escape(c)}</td><td>{kind}</td><td class='pm'>{p:.3f}</td><td>{p0:.3f}</td></tr>")
         rows.append("<tr><th>face matcher</th><th>seen</th><th colspan=2>cosine vs original</th></tr>")
         for name, (sim, seen) in nb["matchers"].items():
-            cell = "n/a (oracle)" if not np.isfinite(sim) else f"{sim:.3f}"
+            why = "n/a: Ens-Best is per classifier" if method == "ens_best" else "n/a: test set without identities"
+            cell = why if not np.isfinite(sim) else f"{sim:.3f}"
             rows.append(f"<tr><td>{html.escape(name)}</td><td>{'yes' if seen else 'no'}</td>"
                         f"<td colspan=2 class='sim'>{cell}</td></tr>")
         return f"<div>{head}</div><table class='explorer-table'>{''.join(rows)}</table>"
 
     def static_grid(self, per_set: int = 2, methods=None, seed: int = 0):
-        """The report version: for a few men and women per test set, each method's sequence with
-        the mean P(true gender) over classifiers and the mean matcher cosine under every picture."""
+        """The report version: per test set a few random men and women (seeded), one row each: the
+        original, then I'_1..I'_n of every method; under each picture 'P' = mean P(true gender) over
+        the classifiers (0.5 = chance) and 'c' = mean matcher cosine against the original."""
         rng = np.random.default_rng([seed, 6])
         methods = [m for m in (methods or self.methods) if m != "original"]
         rows, labels, caps = [], [], []
@@ -130,17 +133,18 @@ class Explorer:
             for male in (True, False):
                 pool = np.flatnonzero((self.test_set == ts) & (self.is_male == male))
                 for i in rng.choice(pool, size=min(per_set, len(pool)), replace=False) if len(pool) else []:
-                    for method in methods:
-                        rows.append([self.image(method, t, i) for t in range(self.n + 1)])
-                        labels.append(f"{ts} #{i} {'M' if male else 'F'} {viz.METHOD_LABEL.get(method, method)}")
-                        caps.append([self._caption(method, t, i) for t in range(self.n + 1)])
-        cols = ["I"] + [f"I'_{t}" for t in range(1, self.n + 1)]
-        return viz.image_grid(rows, labels, cols, cell=96, label_w=200, captions=caps)
+                    cells = [("original", 0)] + [(m, t) for m in methods for t in range(1, self.n + 1)]
+                    rows.append([self.image(m, t, i) for m, t in cells])
+                    caps.append([self._caption(m, t, i) for m, t in cells])
+                    labels.append(f"{ts} #{i} ({'man' if male else 'woman'})")
+        cols = ["I"] + [f"{viz.METHOD_LABEL.get(m, m).split(' ')[0]} {t}" for m in methods for t in range(1, self.n + 1)]
+        return viz.image_grid(rows, labels, cols, cell=80, label_w=160, captions=caps)
 
     def _caption(self, method, t, i) -> str:
         an = self.anonymisation(method, t)[i]
-        sim = np.nanmean(self.sim[:, self._m(method), t, i]) if self.sim is not None else float("nan")
-        return f"Pg {an:.2f} cos {sim:.2f}" if np.isfinite(sim) else f"Pg {an:.2f}"
+        sim = np.nanmean(self.sim[:, self._m(method), t, i]) if self.sim is not None and \
+            np.isfinite(self.sim[:, self._m(method), t, i]).any() else float("nan")
+        return f"P{an:.2f} c{sim:.2f}" if np.isfinite(sim) else f"P{an:.2f}"
 
     # --- widgets ----------------------------------------------------------------------------
 
@@ -154,7 +158,7 @@ class Explorer:
                                or [("Orig.", "original")], description="method")
         t_sl = W.IntSlider(value=min(1, self.n), min=0, max=self.n, description="stage t", continuous_update=True)
         img_sl = W.IntSlider(value=0, min=0, max=0, description="image", continuous_update=True)
-        pic = W.Image(format="png")
+        pic = W.Image(format="png", layout=W.Layout(width=f"{8 + (self.n + 1) * 116}px"))  # natural size
         table = W.HTML()
         t_sl.add_class("explorer-t-slider")
         img_sl.add_class("explorer-image-slider")

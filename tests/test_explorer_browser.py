@@ -1,7 +1,7 @@
 """Drive the explorer in JupyterLab with headless Chromium: run it, move the sliders, see the picture and numbers change.
 
-Needs Debian's chromium at /usr/bin/chromium (or $FLOWSAN_CHROMIUM) and Playwright's Python package;
-skips with the reason otherwise. The explorer reads a scores.npz written by the real evaluation
+Needs Debian's chromium (tests/browser.py finds it) and Playwright's Python package; skips with
+the reason otherwise. The explorer reads a scores.npz written by the real evaluation
 stage code on a miniature run of real faces (see test_eval_stage.make_run).
 """
 from __future__ import annotations
@@ -21,11 +21,11 @@ import torch
 
 from flowsan_lib import config
 from flowsan_lib.evaluate import stage
+from tests.browser import CHROMIUM, FLAGS, require_chromium
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-CHROMIUM = os.environ.get("FLOWSAN_CHROMIUM", "/usr/bin/chromium")
 
 
 def _free_port() -> int:
@@ -62,8 +62,7 @@ def explorer_run(tmp_path_factory, shared_dir):
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory, explorer_run):
     """A JupyterLab server over a folder holding one explorer notebook; yields (notebook URL, folder)."""
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"no chromium at {CHROMIUM} (apt-get install chromium, or set FLOWSAN_CHROMIUM)")
+    require_chromium()
     pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
     import nbformat
     work = tmp_path_factory.mktemp("lab")
@@ -123,12 +122,17 @@ def test_explorer_updates_picture_and_numbers_when_sliders_move(lab):
     from playwright.sync_api import sync_playwright
     url, work = lab
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
-                                    args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS + ["--disable-dev-shm-usage"])
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.goto(url, timeout=120_000)
             page.locator(".jp-Notebook").first.wait_for(timeout=120_000)
+            select = page.locator(".jp-Dialog").get_by_role("button", name="Select", exact=True)
+            try:                                    # JupyterLab may ask which kernel to start
+                select.wait_for(timeout=15_000)
+                select.click()
+            except Exception:
+                pass
             page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").first.wait_for(timeout=120_000)
             page.get_by_role("menuitem", name="Run", exact=True).click()
             page.get_by_text("Run All Cells", exact=True).click()
@@ -150,6 +154,7 @@ def test_explorer_updates_picture_and_numbers_when_sliders_move(lab):
             page.keyboard.press("ArrowRight")
             third = _wait_change(page, second)
             assert "test image" in third[1]
+            page.screenshot(path=str(work / "explorer.png"))     # kept for a look by eye
         except Exception:
             shot = work / "failure.png"
             page.screenshot(path=str(shot))

@@ -146,3 +146,25 @@ def test_nan_to_none_makes_strict_json():
 
 def test_fmr_keys():
     assert [M.fmr_key(f) for f in (1e-4, 1e-3, 0.01, 0.5, 1.0)] == ["0.0001", "0.001", "0.01", "0.5", "1"]
+
+
+def test_pair_bootstrap_replicate_equals_metrics_on_resampled_images():
+    """A replicate must equal the metric recomputed on the pairs of a real image resample:
+    pair (a, b) appears k_a * k_b times when images a and b were drawn k_a and k_b times."""
+    rng = np.random.default_rng(7)
+    n_img = 12
+    gen_idx = np.array([(a, b) for a in range(n_img) for b in range(n_img) if a != b and a // 3 == b // 3])
+    imp_idx = np.array([(a, b) for a in range(n_img) for b in range(n_img) if a // 3 != b // 3])
+    gen = rng.integers(4, 10, len(gen_idx)) / 10
+    imp = rng.integers(0, 7, len(imp_idx)) / 10
+    W = M.bootstrap_weights(n_img, 5, seed=1)
+    stats = M.match_stats(gen, imp, gen_idx, imp_idx, W, fmrs=(0.01, 0.1))
+    for b, w in enumerate(W):
+        kg = (w[gen_idx[:, 0]] * w[gen_idx[:, 1]]).astype(int)
+        ki = (w[imp_idx[:, 0]] * w[imp_idx[:, 1]]).astype(int)
+        g, i = np.repeat(gen, kg), np.repeat(imp, ki)
+        assert stats["tmr_at_fmr_0.1"][1][b] == pytest.approx(M.tmr_at_fmr(g, i, 0.1))
+        assert stats["tmr_at_fmr_0.01"][1][b] == pytest.approx(M.tmr_at_fmr(g, i, 0.01))
+        labels = np.r_[np.ones(len(g), bool), np.zeros(len(i), bool)]
+        assert stats["auc"][1][b] == pytest.approx(roc_auc_score(labels, np.r_[g, i]))
+        assert stats["eer"][1][b] == pytest.approx(M.eer(np.r_[g, i], labels))

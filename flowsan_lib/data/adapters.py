@@ -28,6 +28,7 @@ excludes them. Label semantics per dataset:
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from pathlib import Path
@@ -325,7 +326,6 @@ def race_name(code: int) -> str:
 
 def content_hashes(paths) -> np.ndarray:
     """sha1 of each file's bytes ("" when unreadable): the key for de-duplication and the crop cache."""
-    import hashlib
     out = []
     for p in paths:
         try:

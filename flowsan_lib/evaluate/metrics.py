@@ -28,37 +28,54 @@ def _weights(n: int, w) -> np.ndarray:
     return np.ones(n) if w is None else np.asarray(w, dtype=float)
 
 
-def _grouped(scores, labels, w):
-    """Weighted positive and negative mass per distinct score, scores in descending order."""
-    scores = np.asarray(scores, dtype=float)
-    labels = np.asarray(labels).astype(bool)
-    w = _weights(len(scores), w)
-    uniq, inv = np.unique(-scores, return_inverse=True)     # descending scores
-    pos = np.bincount(inv, w * labels, minlength=len(uniq))
-    neg = np.bincount(inv, w * ~labels, minlength=len(uniq))
-    return -uniq, pos, neg
+class Ranked:
+    """Scores with binary labels, grouped once by distinct score (descending), so that the many
+    weightings of a bootstrap cost a bincount each instead of a sort."""
+
+    def __init__(self, scores, labels):
+        scores = np.asarray(scores, dtype=float)
+        self.labels = np.asarray(labels).astype(bool)
+        uniq, self.inv = np.unique(-scores, return_inverse=True)
+        self.values = -uniq                                     # distinct scores, descending
+
+    def mass(self, w=None) -> tuple[np.ndarray, np.ndarray]:
+        """Weighted positive and negative mass per distinct score."""
+        w = _weights(len(self.inv), w)
+        k = len(self.values)
+        return (np.bincount(self.inv, w * self.labels, minlength=k),
+                np.bincount(self.inv, w * ~self.labels, minlength=k))
+
+    def roc(self, w=None) -> tuple[np.ndarray, np.ndarray]:
+        """(fpr, tpr), a point per distinct score from (0, 0); NaN when a class is empty."""
+        pos, neg = self.mass(w)
+        P, N = pos.sum(), neg.sum()
+        if P <= 0 or N <= 0:
+            return np.array([np.nan]), np.array([np.nan])
+        return np.concatenate([[0.0], np.cumsum(neg) / N]), np.concatenate([[0.0], np.cumsum(pos) / P])
+
+    def auc(self, w=None) -> float:
+        """ROC AUC with ties counted 1/2; NaN when a class has no (weighted) samples."""
+        pos, neg = self.mass(w)
+        P, N = pos.sum(), neg.sum()
+        if P <= 0 or N <= 0:
+            return float("nan")
+        neg_above = np.cumsum(neg) - neg                        # negatives scoring strictly higher
+        return float(1.0 - np.sum(pos * (neg_above + 0.5 * neg)) / (P * N))
+
+    def eer(self, w=None) -> float:
+        return eer_from_roc(*self.roc(w))
 
 
 def roc_curve(scores, labels, w=None):
     """(fpr, tpr, thresholds) with a point per distinct score, starting at (0, 0); NaN if a class is empty."""
-    thr, pos, neg = _grouped(scores, labels, w)
-    P, N = pos.sum(), neg.sum()
-    if P <= 0 or N <= 0:
-        return np.array([np.nan]), np.array([np.nan]), np.array([np.nan])
-    tpr = np.concatenate([[0.0], np.cumsum(pos) / P])
-    fpr = np.concatenate([[0.0], np.cumsum(neg) / N])
-    return fpr, tpr, np.concatenate([[np.inf], thr])
+    r = Ranked(scores, labels)
+    fpr, tpr = r.roc(w)
+    return fpr, tpr, (np.concatenate([[np.inf], r.values]) if len(fpr) > 1 else np.array([np.nan]))
 
 
 def roc_auc(scores, labels, w=None) -> float:
-    """ROC AUC with ties counted 1/2; NaN when a class has no (weighted) samples."""
-    _, pos, neg = _grouped(scores, labels, w)
-    P, N = pos.sum(), neg.sum()
-    if P <= 0 or N <= 0:
-        return float("nan")
-    neg_above = np.cumsum(neg) - neg                        # negatives scoring strictly higher
-    wrong = np.sum(pos * (neg_above + 0.5 * neg))
-    return float(1.0 - wrong / (P * N))
+    """ROC AUC with ties counted 1/2 (as sklearn.metrics.roc_auc_score); NaN when a class is empty."""
+    return Ranked(scores, labels).auc(w)
 
 
 def eer_from_roc(fpr, tpr) -> float:
@@ -76,31 +93,38 @@ def eer_from_roc(fpr, tpr) -> float:
 
 def eer(scores, labels, w=None) -> float:
     """Equal error rate of scores (higher = positive) against binary labels."""
-    fpr, tpr, _ = roc_curve(scores, labels, w)
-    return eer_from_roc(fpr, tpr)
+    return Ranked(scores, labels).eer(w)
+
+
+class Verification:
+    """Genuine and impostor scores prepared once for TMR at FMR under many weightings (see module doc)."""
+
+    def __init__(self, genuine, impostor):
+        self.genuine, self.impostor = np.asarray(genuine, float), np.asarray(impostor, float)
+        v, self.inv = np.unique(-self.impostor, return_inverse=True)
+        self.v = -v                                             # thresholds: accept score > v[j]
+        self.order = np.argsort(self.genuine, kind="stable")
+        self.at_or_below = np.searchsorted(self.genuine[self.order], self.v, side="right")
+
+    def tmr(self, fmr, w_gen=None, w_imp=None) -> np.ndarray:
+        """TMR at the largest achievable FMR <= each target (array)."""
+        targets = np.atleast_1d(np.asarray(fmr, dtype=float))
+        wg, wi = _weights(len(self.genuine), w_gen), _weights(len(self.impostor), w_imp)
+        G, I = wg.sum(), wi.sum()
+        if G <= 0 or I <= 0:
+            return np.full(len(targets), np.nan)
+        imp_at = np.bincount(self.inv, wi, minlength=len(self.v))
+        imp_above = np.cumsum(imp_at) - imp_at                  # impostor mass strictly above v[j]
+        ok = imp_above <= targets[:, None] * I * (1 + 1e-12)    # FMR(v[j]) <= target; True then False
+        j = ok.sum(axis=1) - 1                                  # lowest admissible (imp_above[0] = 0 always is)
+        cum = np.concatenate([[0.0], np.cumsum(wg[self.order])])
+        rejected = np.where(targets >= 1, 0.0, cum[self.at_or_below[j]])   # FMR 1 admits everything
+        return (G - rejected) / G
 
 
 def tmr_at_fmr(genuine, impostor, fmr, w_gen=None, w_imp=None):
     """TMR at the largest achievable FMR <= each target in `fmr` (scalar or array); see module doc."""
-    genuine, impostor = np.asarray(genuine, float), np.asarray(impostor, float)
-    wg, wi = _weights(len(genuine), w_gen), _weights(len(impostor), w_imp)
-    targets = np.atleast_1d(np.asarray(fmr, dtype=float))
-    G, I = wg.sum(), wi.sum()
-    if G <= 0 or I <= 0:
-        out = np.full(len(targets), np.nan)
-        return out if np.ndim(fmr) else float(out[0])
-    # candidate thresholds v: accept score > v, v over distinct impostor scores (descending) and -inf
-    v, inv = np.unique(-impostor, return_inverse=True)
-    v = -v
-    imp_at = np.bincount(inv, wi, minlength=len(v))
-    imp_above = np.cumsum(imp_at) - imp_at                  # impostor mass strictly above v[j]
-    ok = imp_above <= targets[:, None] * I * (1 + 1e-12)    # FMR(v[j]) <= target; True then False
-    thr = v[ok.sum(axis=1) - 1]                             # lowest admissible (imp_above[0] = 0 always is)
-    thr = np.where(targets >= 1, -np.inf, thr)              # FMR 1 admits everything
-    order = np.argsort(genuine)
-    cum = np.concatenate([[0.0], np.cumsum(wg[order])])
-    below_or_eq = cum[np.searchsorted(genuine[order], thr, side="right")]
-    out = (G - below_or_eq) / G
+    out = Verification(genuine, impostor).tmr(fmr, w_gen, w_imp)
     return out if np.ndim(fmr) else float(out[0])
 
 
@@ -148,11 +172,9 @@ def boot(stat, boot_weights) -> tuple[float, np.ndarray]:
 
 def gender_stats(p_male, is_male, boot_weights) -> dict[str, tuple[float, np.ndarray]]:
     """auc, eer, auc_dev (= |AUC - 0.5|) of P(male) scores: (value, bootstrap replicates) each."""
-    p_male, is_male = np.asarray(p_male, float), np.asarray(is_male, bool)
-    auc = boot(lambda w: roc_auc(p_male, is_male, w), boot_weights)
-    return {"auc": auc,
-            "eer": boot(lambda w: eer(p_male, is_male, w), boot_weights),
-            "auc_dev": (abs(auc[0] - 0.5), np.abs(auc[1] - 0.5))}
+    r = Ranked(p_male, is_male)
+    auc = boot(r.auc, boot_weights)
+    return {"auc": auc, "eer": boot(r.eer, boot_weights), "auc_dev": (abs(auc[0] - 0.5), np.abs(auc[1] - 0.5))}
 
 
 def match_stats(genuine, impostor, gen_idx, imp_idx, boot_weights,
@@ -162,11 +184,11 @@ def match_stats(genuine, impostor, gen_idx, imp_idx, boot_weights,
     gen_idx, imp_idx: [n_pairs, 2] test-image indices of each pair; a bootstrap row w of image
     multiplicities weighs pair (a, b) by w[a] * w[b].
     """
-    genuine, impostor = np.asarray(genuine, float), np.asarray(impostor, float)
     gen_idx = np.asarray(gen_idx, int).reshape(-1, 2)
     imp_idx = np.asarray(imp_idx, int).reshape(-1, 2)
-    labels = np.concatenate([np.ones(len(genuine), bool), np.zeros(len(impostor), bool)])
-    scores = np.concatenate([genuine, impostor])
+    ver = Verification(genuine, impostor)
+    ranked = Ranked(np.concatenate([ver.genuine, ver.impostor]),
+                    np.concatenate([np.ones(len(ver.genuine), bool), np.zeros(len(ver.impostor), bool)]))
     fmrs = np.asarray(fmrs, float)
 
     def pair_w(w):
@@ -177,11 +199,11 @@ def match_stats(genuine, impostor, gen_idx, imp_idx, boot_weights,
     def both_w(w):
         return None if w is None else np.concatenate(pair_w(w))
 
-    point = np.atleast_1d(tmr_at_fmr(genuine, impostor, fmrs))
-    reps = np.array([tmr_at_fmr(genuine, impostor, fmrs, *pair_w(w)) for w in boot_weights]).reshape(-1, len(fmrs))
+    point = ver.tmr(fmrs)
+    reps = np.array([ver.tmr(fmrs, *pair_w(w)) for w in boot_weights]).reshape(-1, len(fmrs))
     out = {f"tmr_at_fmr_{fmr_key(f)}": (float(point[k]), reps[:, k]) for k, f in enumerate(fmrs)}
-    out["eer"] = boot(lambda w: eer(scores, labels, both_w(w)), boot_weights)
-    out["auc"] = boot(lambda w: roc_auc(scores, labels, both_w(w)), boot_weights)
+    out["eer"] = boot(lambda w: ranked.eer(both_w(w)), boot_weights)
+    out["auc"] = boot(lambda w: ranked.auc(both_w(w)), boot_weights)
     return out
 
 

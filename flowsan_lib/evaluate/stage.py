@@ -17,8 +17,10 @@ metrics.json schema (`SCHEMA` = "flowsan-evaluate/1"). Every statistic is {"valu
 (bootstrap 95% percentile interval over test images, `n_bootstrap` resamples; null = undefined,
 e.g. no genuine pairs or a one-class resample). `t<k>` keys: t0 = original images, t1..tn stages.
 ```
+headline:  {"n<k>": {method: {mean_eer, mean_tmr_at_fmr_0.001}}}      # summary values only, for the run index
 summary:   {"n<k>": {method: {mean_eer, mean_auc, mean_auc_dev, mean_tmr_at_fmr_0.001,
-                              mean_tmr_at_fmr_0.01, tmr_retention}}}   # paper Table 3, unseen models only
+                              mean_tmr_at_fmr_0.01, tmr_retention,     # paper Table 3, unseen models only
+                              mean_tmr_at_fmr_0.001_incl_seen}}}        # ... and over every matcher
 setup:     {schema, n_stages, seed, n_bootstrap, n_impostor, methods, seen_matcher, seconds}
 test_sets: {name: {n_images, n_male, n_identities, pairs: {protocol: {n_genuine, n_impostor, note}}}}
 classifiers: {name: {kind: pretrained|inhouse|classical, seen: false, provenance...}}
@@ -295,11 +297,14 @@ def summary(res: Results, methods, n, unseen_clfs, unseen_matchers) -> dict:
             g = [v for (ts, c, m, tt), v in res.gender.items() if m == method and tt == t and c in unseen_clfs]
             for metric in ("eer", "auc", "auc_dev"):
                 row[f"mean_{metric}"] = _stat(*_mean_reps([e[metric] for e in g]))
-            mt = {key: v for key, v in res.matching.items()
-                  if key[0] == "different_image" and key[3] == method and key[4] == t and key[2] in unseen_matchers}
+            mt_all = {key: v for key, v in res.matching.items()
+                      if key[0] == "different_image" and key[3] == method and key[4] == t}
+            mt = {key: v for key, v in mt_all.items() if key[2] in unseen_matchers}
             for f in FMRS:
                 name = f"tmr_at_fmr_{M.fmr_key(f)}"
                 row[f"mean_{name}"] = _stat(*_mean_reps([v[name] for v in mt.values()]))
+            name = f"tmr_at_fmr_{M.fmr_key(FMRS[0])}"
+            row[f"mean_{name}_incl_seen"] = _stat(*_mean_reps([v[name] for v in mt_all.values()]))
             ratios = []
             name = f"tmr_at_fmr_{M.fmr_key(FMRS[0])}"
             for (proto, ts, mm, meth, tt), v in mt.items():
@@ -326,7 +331,9 @@ def build_metrics(res: Results, setup: dict, test_info: dict, clf_info: dict, ma
         leaf = {k: _stat(*v) for k, v in stats.items()}
         leaf.update(res.extra[key])
         _nested(matching, (proto, ts, mname, method, f"t{t}"), leaf)
-    out = {"summary": summ, "setup": setup, "test_sets": test_info, "classifiers": clf_info,
+    headline = {nk: {m: {k: row[k]["value"] for k in ("mean_eer", "mean_tmr_at_fmr_0.001") if k in row}
+                     for m, row in block.items()} for nk, block in summ.items()}
+    out = {"headline": headline, "summary": summ, "setup": setup, "test_sets": test_info, "classifiers": clf_info,
            "matchers": matcher_info, "gender": gender, "matching": matching, "attacks": attacks, "notes": notes}
     return M.nan_to_none(out)
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.nn import functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -252,3 +253,78 @@ def run_child(script: Path, args: list[str], timeout: float = 3600) -> dict:
         tail = (res.stderr or res.stdout)[-3000:]
         return {"error": f"child exited {res.returncode}: {tail}", "wall_s": round(time.time() - t0, 1)}
     return json.loads(lines[-1])
+
+
+# --- proposed speed-ups, prototyped here (the library's SAN is unchanged) ---------------------
+
+# The 3x3 taps (index 0, 1, 2 = offsets -1, 0, +1 at high resolution) that land on each low-resolution
+# offset after a nearest x2 upsample, for even (0) and odd (1) output rows/columns.
+_TAPS = {0: ([0], [1, 2]), 1: ([0, 1], [2])}
+
+
+def phase_kernels(w: torch.Tensor) -> torch.Tensor:
+    """3x3 kernel [Co,Ci,3,3] applied after a nearest x2 upsample -> 4 equivalent 2x2 kernels [4*Co,Ci,2,2]."""
+    out = []
+    for di in (0, 1):
+        rows = [w[:, :, idx].sum(2) for idx in _TAPS[di]]
+        for dj in (0, 1):
+            out.append(torch.stack([torch.stack([r[:, :, idx].sum(2) for idx in _TAPS[dj]], -1) for r in rows], -2))
+    return torch.cat(out, 0)
+
+
+def upsample_conv3x3(a: torch.Tensor, conv: torch.nn.Conv2d) -> torch.Tensor:
+    """conv(nearest_x2(a)) for a 3x3 padding-1 conv, computed at a's resolution (16/36 of the MACs).
+
+    Output pixel (2i+di, 2j+dj) only sees low-res rows i-1+di..i+di and columns j-1+dj..j+dj, so each
+    of the 4 phases is a 2x2 conv of the zero-padded input; the phases are then interleaved.
+    """
+    b, _, h, w = a.shape
+    co = conv.out_channels
+    y = F.conv2d(F.pad(a, (1, 1, 1, 1)), phase_kernels(conv.weight), conv.bias.repeat(4))
+    y = y.view(b, 2, 2, co, h + 1, w + 1)
+    rows = [torch.stack([y[:, di, dj, :, di:di + h, dj:dj + w] for dj in (0, 1)], -1) for di in (0, 1)]
+    return torch.stack(rows, 3).reshape(b, co, 2 * h, 2 * w)
+
+
+def _fast_san_class():
+    from flowsan_lib.models.san import SAN
+
+    class FastSAN(SAN):
+        """The same SAN (same parameters, same outputs up to float rounding), computed with fewer FLOPs.
+
+        - decoder conv 2 (256->128 after a nearest x2 upsample, 97% of the MACs) as 4 phase 2x2 convs
+          at the low resolution: upsample_conv3x3;
+        - the 1x1 combiner is linear per pixel, so its feature part is applied BEFORE the last nearest
+          upsample (1 channel instead of 128 upsampled) and only the prototype part at full size.
+        """
+
+        def low_res_features(self, x, p_sm):
+            p = p_sm.to(x.dtype).expand(x.shape[0], -1, -1, -1)
+            a = self.decoder[0](self.encoder(torch.cat([x, p], 1)))          # conv 12->256 + LeakyReLU
+            conv2, act2 = self.decoder[2][0], self.decoder[2][1]
+            f = act2(upsample_conv3x3(a, conv2))                             # [B,128,R/2,R/2]
+            w_f = self.combiner.weight[:, :-self.proto_channels]
+            return F.interpolate(F.conv2d(f, w_f), scale_factor=2, mode="nearest")  # [B,1,R,R]
+
+        def combine_term(self, f_term, proto):
+            w_p = self.combiner.weight[:, -self.proto_channels:]
+            proto = proto.to(f_term.dtype).expand(f_term.shape[0], -1, -1, -1)
+            return torch.sigmoid(f_term + F.conv2d(proto, w_p, self.combiner.bias))
+
+        def forward(self, x, p_sm, p_op):
+            self.check_inputs(x, p_sm, p_op)
+            f = self.low_res_features(x, p_sm)
+            return self.combine_term(f, p_sm), self.combine_term(f, p_op)
+
+        def perturb(self, x, p_sm, p_op):
+            self.check_inputs(x, p_sm, p_op)
+            return self.combine_term(self.low_res_features(x, p_sm), p_op)
+
+    return FastSAN
+
+
+def fast_san(san) -> torch.nn.Module:
+    """A FastSAN sharing nothing with `san` but holding the same weights."""
+    fs = _fast_san_class()(**san.config())
+    fs.load_state_dict(san.state_dict())
+    return fs.to(next(san.parameters()).device)

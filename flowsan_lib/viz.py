@@ -221,8 +221,8 @@ def attacks_table(metrics: dict) -> pd.DataFrame:
                              "AUC": _fmt_ci(st.get("auc"), True), "EER": _fmt_ci(st.get("eer"), True)})
 
     cnn = a.get("adaptive_cnn") or {}
-    add("adaptive CNN (FlowSAN outputs)", cnn.get("setup", {}).get("arch", ""),
-        {k: v for k, v in cnn.items() if k != "setup"})
+    how = "cross-fitted on test outputs" if "scheme" in cnn.get("setup", {}) else "trained on FlowSAN outputs"
+    add(f"adaptive CNN ({how})", cnn.get("setup", {}).get("arch", ""), {k: v for k, v in cnn.items() if k != "setup"})
     for matcher, probes in (a.get("descriptor_probe") or {}).items():
         for probe, by_ts in probes.items():
             add(f"descriptor {probe.replace('_', ' ')}", matcher, by_ts)

@@ -45,14 +45,15 @@ def find_model_folder(run_dir, kind: str = "flowsan") -> Path | None:
 def protected_split(model, faces, split: str, device="cpu") -> list[np.ndarray]:
     """Psi(I, t) for t = 1..n of one split's images, each uint8 [N, R, R]."""
     import torch
-    from ..flow import to_uint8
+    from ..flow import flow_sequence, to_uint8
     sub = faces.split(split)
     if not len(sub):
         return []
     x = sub.tensor()
+    model.check_images(x)
     y = torch.as_tensor(sub.gender == 1).float()
-    with torch.no_grad():
-        outs = model.outputs(x, y, sub.landmarks)
+    with torch.no_grad():                          # FlowModel.outputs, on the evaluation's device
+        outs = flow_sequence(model.stages, x, model.bank(sub.landmarks), y, device=device)
     return [to_uint8(o) for o in outs]
 
 
@@ -158,9 +159,9 @@ def run_attacks(P, run_dir, faces, seq, images, test_sets, d_sets, matchers, boo
     prot_train, prot_valid = [], []
     if folder is not None:
         from ..flow import load_model
-        model = load_model(folder, "cpu")
-        prot_train = protected_split(model, faces, "train")
-        prot_valid = protected_split(model, faces, "val")
+        model = load_model(folder, device)
+        prot_train = protected_split(model, faces, "train", device)
+        prot_valid = protected_split(model, faces, "val", device)
         log(f"transformed the training split with the FlowSAN model in {folder.name}: {len(train)} images x {n} stages")
     out = {}
     if prot_train:
@@ -172,7 +173,17 @@ def run_attacks(P, run_dir, faces, seq, images, test_sets, d_sets, matchers, boo
         notes["adaptive_cnn"] = "no FlowSAN model folder found in 04_flowsan: attacker cross-fitted on test outputs"
         out["adaptive_cnn"] = cross_fit_cnn(seq, images.is_male, images.identity, test_sets, boots, epochs, device,
                                             P.seed, log)
-    # descriptor probes train on the identity-labelled sources, the images the matchers evaluate
+    # descriptor probes train on the identity-labelled sources, the images the matchers evaluate;
+    # a copy of a network already probed (native dlib = face-api's ResNet) would only repeat it
+    from .suite import SAME_NETWORK
+    probed = []
+    for m in matchers:
+        if not SAME_NETWORK.get(m.name, set()) & {p.name for p in probed}:
+            probed.append(m)
+    skipped = [m.name for m in matchers if m not in probed]
+    if skipped:
+        notes["descriptor_probe"] = f"not probed (same network as a probed matcher): {', '.join(skipped)}"
+    matchers = probed
     known = (train.table["identity"].fillna("").astype(str) != "").to_numpy()
     y_probe = (train.gender == 1)[known]
     train_desc = {m.name: m.describe(train.gray[known]) for m in matchers}

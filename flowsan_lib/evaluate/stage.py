@@ -166,7 +166,7 @@ def score_sets(seq: Sequences, classifiers, matchers, match_mask=None, log=print
 def _set_key(method: str, t: int) -> str:
     if t == 0 or method == "original":
         return "original/0"
-    return f"member/1" if method == "ens_avg" and t == 1 else f"{method}/{t}"
+    return "member/1" if method == "ens_avg" and t == 1 else f"{method}/{t}"
 
 
 def assemble_p_male(p: dict, seq: Sequences, is_male, gibbs, methods) -> tuple[np.ndarray, np.ndarray]:

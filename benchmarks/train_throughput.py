@@ -59,7 +59,7 @@ TOLERANCE = {  # max |difference| of SAN outputs in [0,1], relative difference o
     "clsan": {"out": 1e-4, "loss": 1e-4, "grad": 1e-3},
     "compile": {"out": 1e-4, "loss": 1e-4, "grad": 1e-3},
     "cat": {"out": 0.0, "loss": 1e-5, "grad": 1e-4},
-    "fast": {"out": 1e-5, "loss": 1e-5, "grad": 1e-3},
+    "fast": {"out": 1e-5, "loss": 1e-4, "grad": 1e-3},  # J_M sums 8 x B x 128 squares: it amplifies rounding
 }
 OPTIONS = ("cl", "clsan", "compile", "cat", "fast")
 OURS_ONLY = ("cat", "fast")

@@ -27,7 +27,9 @@ Options (speed knobs; the proposed ones are prototyped in the benchmark, the lib
 
 Each (resolution, variant) runs in a fresh process so that its peak memory is its own; the time
 of `--steps` training steps after `--warmup` steps gives images/s (from the median step time;
-the mean is reported too). `--check` first compares each option and bf16 with fp32 eager (SAN
+the mean is reported too) and images per CPU-second (the process's CPU time per step: with
+`--threads 1` the cost on one core, much less inflated than wall time when other jobs share the
+machine). `--check` first compares each option and bf16 with fp32 eager (SAN
 outputs, loss, SAN gradients) on one real batch; `--check-only` does only that (exit 1 on a miss).
 """
 from __future__ import annotations
@@ -135,10 +137,15 @@ def original_loss(san, aux, matcher, x, y, protos):
     return j_d + 8.0 * j_m + j_g
 
 
-def done(times: list[float], steps: int, warmup: int, budget_s: float) -> bool:
+def stamp() -> tuple[float, float]:
+    """(wall clock, CPU time of this process, all threads) at the end of a step."""
+    return time.perf_counter(), time.process_time()
+
+
+def done(times: list[tuple], steps: int, warmup: int, budget_s: float) -> bool:
     """Enough steps timed: all of them, or at least MIN_STEPS once the time budget is spent."""
     timed = len(times) - warmup - 1
-    return timed >= steps or (timed >= MIN_STEPS and budget_s > 0 and times[-1] - times[warmup] > budget_s)
+    return timed >= steps or (timed >= MIN_STEPS and budget_s > 0 and times[-1][0] - times[warmup][0] > budget_s)
 
 
 def time_plain(v: dict, faces: common.Faces, san, aux, matcher, device, steps: int, warmup: int,
@@ -161,7 +168,7 @@ def time_plain(v: dict, faces: common.Faces, san, aux, matcher, device, steps: i
         opt.step()
         float(loss)  # the original printed the running loss: one host sync per step
         common.sync(device)
-        times.append(time.perf_counter())
+        times.append(stamp())
         if done(times, steps, warmup, budget_s):
             break
     return times
@@ -217,7 +224,7 @@ def time_fastai(v: dict, faces: common.Faces, san, aux, matcher, device, steps: 
             if not self.training:
                 return
             common.sync(device)
-            self.times.append(time.perf_counter())
+            self.times.append(stamp())
             if done(self.times, steps, warmup, budget_s):
                 raise CancelFitException()
 
@@ -252,13 +259,16 @@ def measure(job: dict) -> dict:
     times = timer(v, faces, san, aux, matcher, device, job["steps"], job["warmup"], job.get("budget_s", 0.0))
     wall = time.perf_counter() - t0
     mem = common.peak_memory_mib(device)
-    dt = [b - a for a, b in zip(times[job["warmup"]:], times[job["warmup"] + 1:])]
+    steps_t = times[job["warmup"]:]
+    dt = [b[0] - a[0] for a, b in zip(steps_t, steps_t[1:])]
+    cpu = [b[1] - a[1] for a, b in zip(steps_t, steps_t[1:])]
     if len(dt) < min(job["steps"], MIN_STEPS):
         raise RuntimeError(f"only {len(dt)} timed steps (wanted {job['steps']})")
     med, mean = statistics.median(dt), statistics.fmean(dt)
     return {**job, **v, "threads": threads, "device": str(device), "timed_steps": len(dt),
             "step_s_median": med, "step_s_mean": mean, "images_per_s": v["batch"] / med,
-            "images_per_s_mean": v["batch"] / mean, "peak_mib": mem["peak_mib"], "memory_kind": mem["kind"],
+            "images_per_s_mean": v["batch"] / mean, "cpu_s_per_step": statistics.median(cpu),
+            "images_per_cpu_s": v["batch"] / statistics.median(cpu), "peak_mib": mem["peak_mib"], "memory_kind": mem["kind"],
             "rss_before_mib": rss0, "wall_s": wall, "load_average_1min": common.load_average(),
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else ""}
 
@@ -307,7 +317,7 @@ def check_options(resolution: int, device, batch: int = 8, options=OPTIONS) -> l
 
 def add_ratios_and_flops(rows: list[dict], flops: dict, peak) -> None:
     """Ratio to the original recipe at the same resolution, achieved GFLOP/s and share of peak."""
-    base = {r["resolution"]: r["images_per_s"] for r in rows if r.get("variant") == "original" and "error" not in r}
+    base = {r["resolution"]: r for r in rows if r.get("variant") == "original" and "error" not in r}
     for r in rows:
         if "error" in r:
             continue
@@ -316,7 +326,9 @@ def add_ratios_and_flops(rows: list[dict], flops: dict, peak) -> None:
         r["gflop_per_s"] = r["images_per_s"] * g
         r["peak_gflop_per_s"] = peak(r["precision"])
         r["share_of_peak"] = r["gflop_per_s"] / r["peak_gflop_per_s"]
-        r["ratio_to_original"] = r["images_per_s"] / base[r["resolution"]] if r["resolution"] in base else None
+        b = base.get(r["resolution"])
+        r["ratio_to_original"] = r["images_per_s"] / b["images_per_s"] if b else None
+        r["cpu_ratio_to_original"] = r["images_per_cpu_s"] / b["images_per_cpu_s"] if b else None
 
 
 def main(argv=None) -> int:
@@ -377,7 +389,7 @@ def main(argv=None) -> int:
     rows = [best[(r, v)] for r in args.resolutions for v in args.variants]
     add_ratios_and_flops(rows, flops, peak)
     cols = ["resolution", "variant", "impl", "precision", "batch", "timed_steps", "images_per_s",
-            "images_per_s_mean", "ratio_to_original", "peak_mib", "rss_before_mib", "gflop_per_image", "gflop_per_s", "share_of_peak", "load_average_1min"]
+            "images_per_s_mean", "ratio_to_original", "images_per_cpu_s", "cpu_ratio_to_original", "peak_mib", "rss_before_mib", "gflop_per_image", "gflop_per_s", "share_of_peak", "load_average_1min"]
     print(common.markdown_table(rows, cols))
     path = common.write_json("train_throughput", {"machine": info, "args": vars(args), "checks": checks,
                                                   "flops": flops, "rows": rows}, args.out)

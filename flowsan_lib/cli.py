@@ -105,7 +105,7 @@ def main(argv=None) -> int:
     from .pipeline import RunError
     try:
         return args.func(args)
-    except (config.ParamError, RunError, FetchError, FileNotFoundError) as e:
+    except (ValueError, RunError, FetchError, FileNotFoundError) as e:  # ParamError, ModelError, AnonymizeError are ValueErrors
         print(f"flowsan: error: {e}", file=sys.stderr)
         return 2
 

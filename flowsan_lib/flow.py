@@ -526,7 +526,7 @@ def seen_metrics(aux: list, matcher, d: dict, seed: int) -> dict:
     from .evaluate.pairs import different_image_pairs
     f = lambda a: torch.from_numpy(np.ascontiguousarray(a)).float().div(255).unsqueeze(1)
     y = d["gender"].astype(int)
-    T, Te = len(d["flowsan"]), len(d["ens_members"])
+    Te = len(d["ens_members"])
     out: dict = {"aux_auc": {}, "matcher": {}}
     for j, g in enumerate(aux, 1):
         members_p = np.stack([p_male(g, f(m)) for m in d["ens_members"]]) if Te else None

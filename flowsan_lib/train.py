@@ -491,7 +491,7 @@ def run_aux_stage(P, run_dir, stage_dir) -> dict:
 
 # --- display helpers for the notebooks ---------------------------------------------------------
 
-def read_histories(paths) -> "pd.DataFrame":
+def read_histories(paths):
     """Long table (run, epoch, split, term, value) of History CSV files, run = file stem."""
     import pandas as pd
     frames = []

@@ -174,3 +174,31 @@ def test_ensemble_combinations(setup, tmp_path):
     arr = np.stack([np.full((3, 2, 2), v, np.uint8) for v in (10, 21, 90)])
     assert (flow.ens_avg(arr, 2) == 16).all()  # rint(15.5) = 16
 
+
+
+def test_pixel_loss_schemes_pick_their_target(setup):
+    data = setup["data"]
+    pert = data.with_inputs(data.original.flip(-1))
+    rows = torch.arange(3)
+    assert torch.equal(pert.batch_fn("original")(rows)[3], data.original[:3])
+    assert torch.equal(pert.batch_fn("input")(rows)[3], pert.inputs[:3])
+    out = torch.rand(3, 1, 32, 32)
+    from flowsan_lib.losses import SanLoss
+    loss = SanLoss(setup["aux"][0], None, w_gender=0, pixel_target="none")
+    assert loss((out, out), data.original[:3], data.desc[:3], data.y[:3]).item() == 0.0
+
+
+def test_init_from_ensemble_continues_from_member_i(setup, tmp_path):
+    sp = SanParams(**{**SP, "epochs": 1, "init_from_ensemble": True})
+    base = {"seed": 3, "resolution": 32}
+    members, _ = flow.train_ensemble(sp, 3, setup["data"], setup["data"], setup["aux"], setup["matcher"],
+                                     tmp_path / "ensemble", tmp_path / "ck", tmp_path / "hist", base)
+    before = [m.combiner.weight.clone() for m in members]
+    stages, info = _run(setup, tmp_path, sp=sp, members=members)
+    assert "shared_with" not in info[0]  # trained further, not shared
+    for s, m, w in zip(stages, members, before):
+        assert torch.equal(m.combiner.weight, w)  # members untouched
+        assert not torch.equal(s.combiner.weight, w)
+        # one more epoch from the member: closer to it than to a fresh start
+        assert (s.combiner.weight - w).abs().mean() < 0.5 * w.abs().mean()
+    assert flow.read_san(tmp_path / "flowsan" / "stage01.safetensors")[1]["params"]["init"] == "ensemble"

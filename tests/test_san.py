@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from flowsan_lib.config import SanParams
-from flowsan_lib.flow import StageData, to_images, train_san
+from flowsan_lib.flow import StageData, train_san
 from flowsan_lib.losses import SanLoss, gender_loss, match_loss, pixel_loss
 from flowsan_lib.models.aux_cnn import AuxGenderCNN, freeze
 from flowsan_lib.models.san import SAN, n_params

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 
 def _conv(cin: int, cout: int) -> nn.Sequential:
@@ -66,9 +65,3 @@ class SAN(nn.Module):
 def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
-
-def resize_images(x: torch.Tensor, size: int) -> torch.Tensor:
-    """Bilinear (antialiased) resize of [B,C,H,W] images to size x size."""
-    if x.shape[-1] == size and x.shape[-2] == size:
-        return x
-    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)

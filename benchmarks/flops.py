@@ -6,9 +6,10 @@ Counts with torch.utils.flop_counter.FlopCounterMode (matrix products and convol
 backward; element-wise work is not counted), batch 2 divided by 2. A training step is one SAN
 forward of both outputs, J_M (matcher on I'_sm and I'_op), J_G (G on both) and the backward pass
 (weight gradients of the SAN only: G and M are frozen, their inputs still get gradients). The
-original recipe also recomputes the matcher descriptor of the original image every step (one more
-matcher forward, no backward); ours reads it from a cache. The optimizer's element-wise update is
-not counted. `train_throughput.py` divides measured throughput by these numbers.
+original recipe runs the SAN layer by layer (`SAN.reference_forward`) and recomputes the matcher
+descriptor of the original image every step (one more matcher forward, no backward); ours uses the
+phase-conv forward (`SAN.forward`, the same function) and reads the descriptor from a cache. The
+optimizer's element-wise update is not counted. `train_throughput.py` divides measured throughput by these numbers.
 """
 from __future__ import annotations
 
@@ -41,15 +42,17 @@ def model_flops(resolution: int, matcher, aux_arch: str = "original", width: flo
     loss = SanLoss(aux, matcher)
     desc = matcher(x).detach()
 
-    def step():
-        loss(san(x, p, p), x, desc, y).backward()
+    def step(forward):
+        loss(forward(x, p, p), x, desc, y).backward()
 
     g = {"san_forward": count_flops(lambda: san(x, p, p)),
+         "san_forward_layered": count_flops(lambda: san.reference_forward(x, p, p)),
          "san_perturb": count_flops(lambda: san.perturb(x, p, p)),
          "aux_forward": count_flops(lambda: aux(x)),
          "matcher_forward": count_flops(lambda: matcher(x)),
-         "train_step_ours": count_flops(step)}
-    g["train_step_original"] = g["train_step_ours"] + g["matcher_forward"]
+         "train_step_ours": count_flops(lambda: step(san)),
+         "train_step_layered": count_flops(lambda: step(san.reference_forward))}
+    g["train_step_original"] = g.pop("train_step_layered") + g["matcher_forward"]
     out = {k: v / b / 1e9 for k, v in g.items()}
     out["san_params"] = sum(q.numel() for q in san.parameters())
     out["san_share_of_step"] = count_flops(lambda: san(x, p, p)[0].sum().backward()) / b / 1e9 / out["train_step_ours"]
@@ -74,7 +77,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     rows = flops_table(args.resolutions, args.aux_arch)
-    cols = ["resolution", "san_forward", "san_perturb", "aux_forward", "matcher_forward", "train_step_ours",
+    cols = ["resolution", "san_forward_layered", "san_forward", "san_perturb", "aux_forward", "matcher_forward", "train_step_ours",
             "train_step_original", "san_share_of_step"]
     print("GFLOP per image (FlopCounterMode; matcher input is always 150 px)")
     print(common.markdown_table(rows, cols))

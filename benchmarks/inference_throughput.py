@@ -8,9 +8,9 @@ and seeded: the cost of a SAN does not depend on its weights; prototypes are the
 real sample faces), through the library's `save_model` / `load_model`.
 - tensor: `flow.flow_sequence(stages[:n], x, bank, y)` on real gray crops [N,1,R,R] (the transform
   between training stages and the inside of `FlowModel.anonymize`), batches of 128, no gradients.
-  Options: `bf16` (autocast), `cl` (channels-last SANs), `fast` (common.FastSAN: the same SANs
-  computed with fewer FLOPs, a proposed change); each is compared with fp32 on the same images
-  (max |difference| in uint8 grey levels after rounding).
+  Options: `bf16` (autocast), `cl` (channels-last SANs), `layered` (the SANs computed layer by
+  layer, `SAN.reference_forward`, as before the phase-conv forward: shows what that saves); each is
+  compared with fp32 on the same images (max |difference| in uint8 grey levels after rounding).
 - folder: `anonymize.anonymize_folder` on a folder of real sample photos with a labels CSV: model
   loading with checksum verification, dlib detection and alignment, FlowSAN-n, PNG writing. The
   alignment-only time of the same photos is reported so that the SAN's share is visible.
@@ -31,7 +31,7 @@ from flowsan_lib import flow
 from flowsan_lib.models.san import SAN
 from flowsan_lib.prototypes import make_bank, save_prototypes
 
-TOLERANCE_LEVELS = {"bf16": 8, "cl": 1, "fast": 1}  # max |difference| in grey levels (0..255) vs fp32
+TOLERANCE_LEVELS = {"bf16": 8, "cl": 1, "layered": 1}  # max |difference| in grey levels (0..255) vs fp32
 
 
 def make_model_folder(folder: Path, faces: common.Faces, n_stages: int) -> Path:
@@ -48,12 +48,23 @@ def make_model_folder(folder: Path, faces: common.Faces, n_stages: int) -> Path:
     return folder
 
 
+class LayeredSAN(torch.nn.Module):
+    """A SAN whose `perturb` runs layer by layer (`reference_forward`): the computation before the phase convs."""
+
+    def __init__(self, san: SAN):
+        super().__init__()
+        self.san = san.eval()
+
+    def perturb(self, x, p_sm, p_op):
+        return self.san.reference_forward(x, p_sm, p_op)[1]
+
+
 def run_sequence(stages, x, bank, y, device, option: str) -> tuple[float, float, torch.Tensor]:
     """Wall and CPU seconds of FlowSAN over all images (tensor in, tensor out on the host), last output."""
     if option == "cl":
         stages = [s.to(device, memory_format=torch.channels_last) for s in stages]
-    if option == "fast":
-        stages = [common.fast_san(s).eval() for s in stages]
+    if option == "layered":
+        stages = [LayeredSAN(s) for s in stages]
     common.sync(device)
     t0, c0 = time.perf_counter(), time.process_time()
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=option == "bf16"):
@@ -141,7 +152,7 @@ def main(argv=None) -> int:
     ap.add_argument("--resolutions", type=int, nargs="+", default=[64, 112, 224])
     ap.add_argument("--stages", type=int, default=5)
     ap.add_argument("--images", type=int, default=128, help="crops per tensor measurement")
-    ap.add_argument("--options", nargs="+", default=["fp32", "bf16", "cl"], choices=["fp32", "bf16", "cl", "fast"])
+    ap.add_argument("--options", nargs="+", default=["fp32", "bf16", "cl"], choices=["fp32", "bf16", "cl", "layered"])
     ap.add_argument("--repeats", type=int, default=1, help="tensor runs per (n, option); the fastest is kept")
     ap.add_argument("--folder-images", type=int, default=48, help="photos in the folder measurement; 0 = skip")
     ap.add_argument("--folder-resolution", type=int, default=64)

@@ -13,17 +13,18 @@ Variants (`impl:precision:batch[:option...]`, or one of the names in VARIANTS):
             random crop + flip in a Dataset, J_D = L1 vs the input, J_M = 8 x sum over batch and
             dims of (mean of M(I'_sm), M(I'_op) - M(I))^2 with M(I) recomputed every step (as the
             original did), J_G = two 2-class cross-entropies, loss.item() every step.
+            The SAN runs layer by layer (`SAN.reference_forward`), as the original network did.
 - equal     our training path (`flow.train_san`: fastai Learner, SanLoss, our callbacks) at the
-            original's settings: fp32, batch 8. Differences left: descriptors of the originals
-            cached (computed once before training, not every step) and no per-sample transform.
+            original's settings: fp32, batch 8, the same model and weights. What differs is how
+            the same values are computed: descriptors of the originals cached (computed once, not
+            every step); the SAN's phase-conv forward (`SAN.forward`: 2.25x fewer MACs in its big
+            conv); one matcher and one G call on cat(I'_sm, I'_op); frozen networks channels-last
+            (`flow.frozen_for_loss`); no per-sample transform.
 - default   our training path at our defaults (SanParams: precision and batch size).
-Options (speed knobs; the proposed ones are prototyped in the benchmark, the library is unchanged):
-- `cl`: the frozen matcher and G in channels-last memory format; `clsan`: the SAN too;
-- `compile`: SAN, matcher and G wrapped in torch.compile (compilation time is not in the steps timed);
-- `cat` (ours only, proposed SanLoss change): one matcher call and one G call on cat(I'_sm, I'_op)
-  instead of two each (the same values: neither network has batch-dependent layers);
-- `fast` (ours only, proposed SAN change): common.FastSAN, the same SAN and weights computed with
-  2.25x fewer MACs in its big conv (nearest-upsample + 3x3 conv as four 2x2 phase convs).
+Options (what-if speed knobs on top of either path):
+- `cl`: the frozen matcher and G in channels-last memory format (ours has it already); `clsan`:
+  the SAN too; `compile`: SAN, matcher and G wrapped in torch.compile (compilation time is not in
+  the steps timed).
 
 Each (resolution, variant) runs in a fresh process so that its peak memory is its own; the time
 of `--steps` training steps after `--warmup` steps gives images/s (from the median step time;
@@ -60,11 +61,9 @@ TOLERANCE = {  # max |difference| of SAN outputs in [0,1], relative difference o
     "cl": {"out": 1e-4, "loss": 1e-4, "grad": 1e-3},
     "clsan": {"out": 1e-4, "loss": 1e-4, "grad": 1e-3},
     "compile": {"out": 1e-4, "loss": 1e-4, "grad": 1e-3},
-    "cat": {"out": 0.0, "loss": 1e-5, "grad": 1e-4},
-    "fast": {"out": 1e-5, "loss": 1e-4, "grad": 1e-3},  # J_M sums 8 x B x 128 squares: it amplifies rounding
+    "ours": {"out": 1e-5, "loss": 1e-4, "grad": 1e-3},  # J_M sums 8 x B x 128 squares: it amplifies rounding
 }
-OPTIONS = ("cl", "clsan", "compile", "cat", "fast")
-OURS_ONLY = ("cat", "fast")
+OPTIONS = ("cl", "clsan", "compile")
 MIN_STEPS = 3  # timed steps kept even when the time budget runs out
 
 
@@ -76,20 +75,23 @@ def parse_variant(spec: str) -> dict:
     bad = set(parts[3:]) - set(OPTIONS)
     if bad:
         raise SystemExit(f"bad variant option(s) {sorted(bad)} in {spec!r}; options: {', '.join(OPTIONS)}")
-    if parts[0] == "plain" and set(parts[3:]) & set(OURS_ONLY):
-        raise SystemExit(f"{spec!r}: {'/'.join(OURS_ONLY)} change our code; the original recipe stays as it was")
     return {"impl": parts[0], "precision": parts[1], "batch": int(parts[2]), "options": sorted(set(parts[3:]))}
 
 
 # --- the networks ----------------------------------------------------------------------------
 
-def networks(resolution: int, device, options=()):
+class LayeredSAN(SAN):
+    """The library's SAN computed layer by layer, as the original network (same weights, same values)."""
+
+    def forward(self, x, p_sm, p_op):
+        return self.reference_forward(x, p_sm, p_op)
+
+
+def networks(resolution: int, device, options=(), layered: bool = False):
     """(SAN, frozen aux CNN, frozen face-api matcher) on device, with the speed options applied."""
     from flowsan_lib.models import load_matcher
     torch.manual_seed(0)
-    san = SAN(resolution, 3).to(device)
-    if "fast" in options:
-        san = common.fast_san(san)
+    san = (LayeredSAN if layered else SAN)(resolution, 3).to(device)
     aux = freeze(AuxGenderCNN(resolution, "original", name="G01")).to(device)
     matcher = load_matcher("faceapi", device)
     for m in (aux, matcher) if "cl" in options else ():
@@ -176,43 +178,13 @@ def time_plain(v: dict, faces: common.Faces, san, aux, matcher, device, steps: i
 
 # --- our fastai training path ----------------------------------------------------------------
 
-class BatchedSanLoss(SanLoss):
-    """SanLoss with one matcher call and one G call on cat(I'_sm, I'_op): a proposed speed-up."""
-
-    def forward(self, preds, target_pixels, desc_orig, y):
-        out_sm, out_op = preds
-        both = torch.cat([out_sm, out_op])
-        zero = out_sm.new_zeros((), dtype=torch.float32)
-        j_d = pixel_loss(out_sm, target_pixels, self.pixel) if self.pixel_target != "none" and self.w_pixel else zero
-        j_m = zero
-        if self.use_match and self.w_match and self.matcher is not None:
-            d_sm, d_op = self.matcher(both).chunk(2)
-            j_m = match_loss(d_sm, d_op, desc_orig, self.match_reduction)
-        j_g = zero
-        if self.w_gender:
-            z_sm, z_op = gender_logit(self.gender, both).chunk(2)
-            j_g = gender_loss(z_sm, z_op, y, self.gender_target)
-        self.last = {"J_D": float(j_d.detach()), "J_M": float(j_m.detach()), "J_G": float(j_g.detach())}
-        return self.w_pixel * j_d + self.w_match * j_m + self.w_gender * j_g
-
-
-def batched_san_loss(sp, gender, matcher) -> BatchedSanLoss:
-    """flow.san_loss with BatchedSanLoss (installed by the `cat` option in a child process only)."""
-    from flowsan_lib.flow import MATCH_REDUCTION
-    return BatchedSanLoss(gender, matcher, sp.w_pixel, sp.w_match, sp.w_gender, sp.pixel_loss, sp.pixel_target,
-                          MATCH_REDUCTION, sp.gender_target)
-
-
 def time_fastai(v: dict, faces: common.Faces, san, aux, matcher, device, steps: int, warmup: int,
                 budget_s: float = 0.0) -> list[float]:
     """Step end times of `flow.train_san` (the path 04_flowsan uses), cancelled after the last step."""
     from fastai.callback.core import Callback, CancelFitException
 
-    from flowsan_lib import flow
     from flowsan_lib.flow import StageData, descriptors, train_san
     from flowsan_lib.prototypes import make_bank
-    if "cat" in v["options"]:
-        flow.san_loss = batched_san_loss  # this child process only: train_san builds its loss through it
 
     class StepTimer(Callback):
         order = 100  # after every other after_batch callback (history, NaN guard, progress)
@@ -251,7 +223,7 @@ def measure(job: dict) -> dict:
     v = parse_variant(job["variant"])
     r = job["resolution"]
     faces = common.real_faces(r, 64)
-    san, aux, matcher = networks(r, device, v["options"])
+    san, aux, matcher = networks(r, device, v["options"], layered=v["impl"] == "plain")
     rss0 = common.rss_mib()
     common.reset_peak_memory(device)
     t0 = time.perf_counter()
@@ -275,28 +247,43 @@ def measure(job: dict) -> dict:
 
 # --- equality checks of the speed options ----------------------------------------------------
 
+def separate_calls_loss(aux, matcher, out, x, desc, y):
+    """SanLoss's value with two matcher and two G calls (one per output), as before the batched call."""
+    out_sm, out_op = out
+    j_m = match_loss(matcher(out_sm), matcher(out_op), desc)
+    j_g = gender_loss(gender_logit(aux, out_sm), gender_logit(aux, out_op), y)
+    return pixel_loss(out_sm, x) + 8.0 * j_m + j_g
+
+
 def check_options(resolution: int, device, batch: int = 8, options=OPTIONS) -> list[dict]:
-    """Outputs, loss and SAN gradients of each speed option vs fp32 eager on one real batch."""
+    """Outputs, loss and SAN gradients of our path and each option vs the original computation.
+
+    Reference: fp32, SAN layer by layer, two matcher and two G calls, contiguous weights. "ours":
+    the library's SAN forward, SanLoss and `frozen_for_loss`; the options and bf16 are on top of it.
+    """
+    from flowsan_lib.flow import frozen_for_loss
     faces = common.real_faces(resolution, batch)
     x, y = faces.x.to(device), faces.y.to(device)
     protos = faces.protos["rgb"].to(device)
     p_sm, p_op = protos[y.long()], protos[1 - y.long()]
 
-    def run(precision="fp32", options=()):
-        san, aux, matcher = networks(resolution, device, options)
-        loss_fn = (BatchedSanLoss if "cat" in options else SanLoss)(aux, matcher)
+    def run(precision="fp32", options=(), ours=True):
+        san, aux, matcher = networks(resolution, device, options, layered=not ours)
         desc = matcher(x).detach().float()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             out = san(x, p_sm, p_op)
-            loss = loss_fn(out, x, desc, y)
+            if ours:
+                loss = SanLoss(frozen_for_loss(aux, device), frozen_for_loss(matcher, device))(out, x, desc, y)
+            else:
+                loss = separate_calls_loss(aux, matcher, out, x, desc, y)
         loss.backward()
         grads = torch.cat([p.grad.flatten() for p in san.parameters()])
-        return [o.detach().float() for o in out], float(loss), grads
+        return [o.detach().float() for o in out], float(loss.detach()), grads
 
-    ref_out, ref_loss, ref_grad = run()
+    ref_out, ref_loss, ref_grad = run(ours=False)
     rows = []
-    for name in ("bf16", *options):
-        kw = {"precision": "bf16"} if name == "bf16" else {"options": (name,)}
+    for name in ("ours", "bf16", *options):
+        kw = {"precision": "bf16"} if name == "bf16" else {} if name == "ours" else {"options": (name,)}
         try:
             out, loss, grad = run(**kw)
         except Exception as e:  # noqa: BLE001  (a backend that cannot compile here is reported, not fatal)

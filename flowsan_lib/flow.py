@@ -110,11 +110,24 @@ def san_loss(sp, gender, matcher) -> SanLoss:
                    MATCH_REDUCTION, sp.gender_target)
 
 
+def frozen_for_loss(net, device):
+    """A frozen auxiliary network on `device`, in eval mode, with channels-last conv weights.
+
+    Channels-last lets oneDNN run the frozen convolutions without layout reorders: the SAN training
+    step measured about 1.4x faster on the 2-core CPU at 112 px (benchmarks/README.md). Values are
+    unchanged; the input gradient differs only by float rounding.
+    """
+    if net is None:
+        return None
+    return net.to(device).eval().to(memory_format=torch.channels_last)
+
+
 def train_san(san: SAN, train: StageData, valid: StageData, gender, matcher, sp, *, seed: int, tag: str,
               ckpt_dir: Path, history: Path, params: dict, device="cpu", extra_cbs=()) -> dict:
     """Train one SAN with fastai (resuming from ckpt_dir); returns the fit summary."""
     device = torch.device(device)
-    loss = san_loss(sp, gender.to(device).eval(), matcher.to(device).eval() if matcher is not None else None)
+    gender, matcher = frozen_for_loss(gender, device), frozen_for_loss(matcher, device)
+    loss = san_loss(sp, gender, matcher)
     tl = TensorLoader(len(train), train.batch_fn(sp.pixel_target), sp.batch_size, shuffle=True, seed=seed,
                       device=device)
     # same batch size for validation: a sum-reduced J_M scales with it

@@ -81,12 +81,16 @@ class SanLoss(nn.Module):
         out_sm, out_op = preds
         zero = out_sm.new_zeros((), dtype=torch.float32)
         j_d = pixel_loss(out_sm, target_pixels, self.pixel) if self.pixel_target != "none" and self.w_pixel else zero
+        # One call per frozen network on both outputs at once: the same values as two calls (they run
+        # in eval mode with no batch-dependent layers), and larger batches use the cores better.
+        both, n = torch.cat([out_sm, out_op]), out_sm.shape[0]
         j_m = zero
         if self.use_match and self.w_match and self.matcher is not None:
-            j_m = match_loss(self.matcher(out_sm), self.matcher(out_op), desc_orig, self.match_reduction)
+            d = self.matcher(both)
+            j_m = match_loss(d[:n], d[n:], desc_orig, self.match_reduction)
         j_g = zero
         if self.w_gender:
-            z_sm, z_op = gender_logit(self.gender, out_sm), gender_logit(self.gender, out_op)
-            j_g = gender_loss(z_sm, z_op, y, self.gender_target)
+            z = gender_logit(self.gender, both)
+            j_g = gender_loss(z[:n], z[n:], y, self.gender_target)
         self.last = {"J_D": float(j_d.detach()), "J_M": float(j_m.detach()), "J_G": float(j_g.detach())}
         return self.w_pixel * j_d + self.w_match * j_m + self.w_gender * j_g

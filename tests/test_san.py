@@ -38,6 +38,32 @@ def test_shapes_and_range(tiny_faces, channels, width):
     assert not torch.equal(out_sm, out_op)  # the prototype changes the output
 
 
+@pytest.mark.parametrize("resolution,channels,width", [(32, 1, 0.25), (64, 3, 1.0), (112, 3, 0.5)])
+def test_phase_conv_forward_equals_layered_forward(resolution, channels, width):
+    """SAN.forward (phase convs, combiner folded) computes the original layer-by-layer network."""
+    torch.manual_seed(resolution)
+    san = SAN(resolution, channels, width)
+    x = torch.rand(3, 1, resolution, resolution)
+    p_sm, p_op = torch.rand(3, channels, resolution, resolution), torch.rand(1, channels, resolution, resolution)
+    fast, ref = san(x, p_sm, p_op), san.reference_forward(x, p_sm, p_op)
+    for a, b in zip(fast, ref):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert torch.allclose(san.perturb(x, p_sm, p_op), ref[1], atol=1e-6)
+    w = torch.rand_like(ref[0])  # a non-uniform weighting so that every output pixel matters
+    g_fast = torch.autograd.grad(((fast[0] + 2 * fast[1]) * w).sum(), list(san.parameters()))
+    g_ref = torch.autograd.grad(((ref[0] + 2 * ref[1]) * w).sum(), list(san.parameters()))
+    for (name, _), a, b in zip(san.named_parameters(), g_fast, g_ref):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), name
+
+
+def test_phase_conv_forward_on_real_faces(tiny_faces):
+    p = _protos(tiny_faces)["rgb"]
+    y = torch.from_numpy(tiny_faces.gender)
+    san = SAN(32, 3)
+    fast, ref = san(tiny_faces.images(), p[y], p[1 - y]), san.reference_forward(tiny_faces.images(), p[y], p[1 - y])
+    assert max(float((a - b).abs().max()) for a, b in zip(fast, ref)) < 1e-6
+
+
 def test_wrong_resolution_is_a_clear_error(tiny_faces):
     san = SAN(64, 3)
     p = _protos(tiny_faces)["rgb"]
@@ -111,6 +137,28 @@ def test_match_term_compares_with_given_original_descriptors(tiny_faces, faceapi
     y = torch.from_numpy(tiny_faces.gender).float()
     assert loss((x, x), x, d, y).item() == pytest.approx(0.0, abs=1e-6)
     assert loss((x, x), x, d.roll(1, 0), y).item() > 1.0  # someone else's descriptor: large
+
+
+def test_one_call_on_both_outputs_equals_two_calls(tiny_faces_factory, faceapi_matcher):
+    """SanLoss runs M and G once on cat(I'_sm, I'_op): the same loss and SAN gradients as two calls each."""
+    from flowsan_lib.flow import frozen_for_loss
+    tf = tiny_faces_factory(64)
+    x, y = tf.images(), torch.from_numpy(tf.gender)
+    p = _protos(tf)["rgb"]
+    g = freeze(AuxGenderCNN(64, "small", name="G"))
+    with torch.no_grad():
+        d = faceapi_matcher(x)
+    san = SAN(64, 3, 0.5)
+    out = san(x, p[y], p[1 - y])
+    one = SanLoss(frozen_for_loss(g, "cpu"), frozen_for_loss(faceapi_matcher, "cpu"))(out, x, d, y.float())
+    from flowsan_lib.losses import gender_logit
+    two = (pixel_loss(out[0], x) + 8 * match_loss(faceapi_matcher(out[0]), faceapi_matcher(out[1]), d)
+           + gender_loss(gender_logit(g, out[0]), gender_logit(g, out[1]), y.float()))
+    assert one.item() == pytest.approx(two.item(), rel=1e-5)
+    g1 = torch.autograd.grad(one, list(san.parameters()), retain_graph=True)
+    g2 = torch.autograd.grad(two, list(san.parameters()))
+    rel = max(float((a - b).norm() / b.norm()) for a, b in zip(g1, g2))
+    assert rel < 1e-3
 
 
 class _NaNGender(torch.nn.Module):

@@ -5,11 +5,47 @@ encoder conv3x3 (1+C)->8, LeakyReLU, avgpool 2, conv3x3 8->12, LeakyReLU, avgpoo
 decoder conv3x3 12->256, LeakyReLU, nearest x2, conv3x3 256->128, LeakyReLU, nearest x2;
 combiner concat(features, P) -> conv1x1 (128+C)->1 -> sigmoid, applied once with P_sm and once with P_op.
 No normalisation layers, so a SAN behaves the same on a batch of one as on a large batch.
+
+`forward`/`perturb` compute the same function with fewer operations (see `upsample_conv3x3_1x1`):
+the decoder's second conv (97% of the multiply-adds) runs as four 2x2 phase convs at half
+resolution, and the 1x1 combiner's feature part is applied before the last upsample. The layer-by-
+layer `reference_forward` is kept for tests and for checking; both use the same parameters.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
+
+# The 3x3 taps (0, 1, 2 = high-resolution offsets -1, 0, +1) that fall on each low-resolution offset
+# after a nearest x2 upsample, for even (0) and odd (1) output rows or columns.
+_TAPS = {0: ([0], [1, 2]), 1: ([0, 1], [2])}
+
+
+def phase_kernels(w: torch.Tensor) -> torch.Tensor:
+    """3x3 kernel [Co,Ci,3,3] applied after a nearest x2 upsample -> its 4 phase kernels [4*Co,Ci,2,2]."""
+    out = []
+    for di in (0, 1):
+        rows = [w[:, :, idx].sum(2) for idx in _TAPS[di]]
+        for dj in (0, 1):
+            out.append(torch.stack([torch.stack([r[:, :, idx].sum(2) for idx in _TAPS[dj]], -1) for r in rows], -2))
+    return torch.cat(out, 0)
+
+
+def upsample_conv3x3_1x1(a: torch.Tensor, conv: nn.Conv2d, act: nn.Module, w_1x1: torch.Tensor) -> torch.Tensor:
+    """w_1x1 * act(conv(nearest_x2(a))) for a 3x3 padding-1 conv, computed at a's size -> [B,C1,2h,2w].
+
+    Output pixel (2i+di, 2j+dj) of the conv only sees low-resolution rows i-1+di..i+di and columns
+    j-1+dj..j+dj, so each of the 4 phases is a 2x2 conv of the zero-padded input (16/36 of the MACs).
+    The activation and the 1x1 conv act per pixel, so they run per phase too, and only their C1-channel
+    result is interleaved to full size (never the wide conv output).
+    """
+    b, _, h, w = a.shape
+    c1 = w_1x1.shape[0]
+    y = act(F.conv2d(F.pad(a, (1, 1, 1, 1)), phase_kernels(conv.weight), conv.bias.repeat(4)))  # [B,4*Co,h+1,w+1]
+    z = F.conv2d(y, w_1x1.repeat(4, 1, 1, 1), groups=4).view(b, 2, 2, c1, h + 1, w + 1)
+    rows = [torch.stack([z[:, di, dj, :, di:di + h, dj:dj + w] for dj in (0, 1)], -1) for di in (0, 1)]
+    return torch.stack(rows, 3).reshape(b, c1, 2 * h, 2 * w)
 
 
 def _conv(cin: int, cout: int) -> nn.Sequential:
@@ -43,23 +79,42 @@ class SAN(nn.Module):
                 raise ValueError(f"SAN expects {name} [B or 1,{c},{r},{r}], got {list(p.shape)}")
 
     def combine(self, feats: torch.Tensor, proto: torch.Tensor) -> torch.Tensor:
-        """1x1 combiner of decoder features and one prototype -> image in [0,1]."""
+        """1x1 combiner of full-size decoder features and one prototype -> image in [0,1]."""
         proto = proto.to(feats.dtype).expand(feats.shape[0], -1, -1, -1)
         return torch.sigmoid(self.combiner(torch.cat([feats, proto], 1)))
 
-    def forward(self, x: torch.Tensor, p_sm: torch.Tensor, p_op: torch.Tensor):
-        """x [B,1,R,R], prototypes [B or 1,C,R,R] -> (I'_sm, I'_op), each [B,1,R,R]."""
+    def reference_forward(self, x: torch.Tensor, p_sm: torch.Tensor, p_op: torch.Tensor):
+        """`forward` computed layer by layer as the original network (slower; the same values)."""
         self.check_inputs(x, p_sm, p_op)
         p_sm_b = p_sm.to(x.dtype).expand(x.shape[0], -1, -1, -1)
         feats = self.decoder(self.encoder(torch.cat([x, p_sm_b], 1)))
         return self.combine(feats, p_sm), self.combine(feats, p_op)
 
+    def feature_term(self, x: torch.Tensor, p_sm: torch.Tensor) -> torch.Tensor:
+        """The combiner's feature part, w_f . decoder(encoder(x, P_sm)), as [B,1,R,R]."""
+        p = p_sm.to(x.dtype).expand(x.shape[0], -1, -1, -1)
+        a = self.decoder[0](self.encoder(torch.cat([x, p], 1)))        # conv 12->256 + LeakyReLU, R/4
+        conv2, act2 = self.decoder[2][0], self.decoder[2][1]
+        w_f = self.combiner.weight[:, :-self.proto_channels]
+        f = upsample_conv3x3_1x1(a, conv2, act2, w_f)                  # [B,1,R/2,R/2]
+        return F.interpolate(f, scale_factor=2, mode="nearest")
+
+    def prototype_term(self, f_term: torch.Tensor, proto: torch.Tensor) -> torch.Tensor:
+        """sigmoid(feature term + the combiner's prototype part + bias): one output image."""
+        w_p = self.combiner.weight[:, -self.proto_channels:]
+        proto = proto.to(f_term.dtype).expand(f_term.shape[0], -1, -1, -1)
+        return torch.sigmoid(f_term + F.conv2d(proto, w_p, self.combiner.bias))
+
+    def forward(self, x: torch.Tensor, p_sm: torch.Tensor, p_op: torch.Tensor):
+        """x [B,1,R,R], prototypes [B or 1,C,R,R] -> (I'_sm, I'_op), each [B,1,R,R]."""
+        self.check_inputs(x, p_sm, p_op)
+        f = self.feature_term(x, p_sm)
+        return self.prototype_term(f, p_sm), self.prototype_term(f, p_op)
+
     def perturb(self, x: torch.Tensor, p_sm: torch.Tensor, p_op: torch.Tensor) -> torch.Tensor:
         """The privacy output I' = I'_op only (what inference keeps)."""
         self.check_inputs(x, p_sm, p_op)
-        p_sm_b = p_sm.to(x.dtype).expand(x.shape[0], -1, -1, -1)
-        feats = self.decoder(self.encoder(torch.cat([x, p_sm_b], 1)))
-        return self.combine(feats, p_op)
+        return self.prototype_term(self.feature_term(x, p_sm), p_op)
 
 
 def n_params(model: nn.Module) -> int:

@@ -100,10 +100,17 @@ class SAN(nn.Module):
         return F.interpolate(f, scale_factor=2, mode="nearest")
 
     def prototype_term(self, f_term: torch.Tensor, proto: torch.Tensor) -> torch.Tensor:
-        """sigmoid(feature term + the combiner's prototype part + bias): one output image."""
-        w_p = self.combiner.weight[:, -self.proto_channels:]
-        proto = proto.to(f_term.dtype).expand(f_term.shape[0], -1, -1, -1)
-        return torch.sigmoid(f_term + F.conv2d(proto, w_p, self.combiner.bias))
+        """sigmoid(feature term + the combiner's prototype part + bias): one output image.
+
+        The prototype part is an explicit per-channel sum, not a conv: a conv's rounding depends on
+        the prototype's memory layout (a channels-last bank gave outputs 6e-8 apart), this does not.
+        """
+        w_p = self.combiner.weight[0, -self.proto_channels:, 0, 0]
+        proto = proto.to(f_term.dtype)
+        term = self.combiner.bias.view(1, 1, 1, 1) + proto[:, :1] * w_p[0]
+        for c in range(1, self.proto_channels):
+            term = term + proto[:, c:c + 1] * w_p[c]
+        return torch.sigmoid(f_term + term)
 
     def forward(self, x: torch.Tensor, p_sm: torch.Tensor, p_op: torch.Tensor):
         """x [B,1,R,R], prototypes [B or 1,C,R,R] -> (I'_sm, I'_op), each [B,1,R,R]."""

@@ -1,10 +1,19 @@
 """Parameters: presets validate; unknown, ill-typed and impossible values are rejected by name."""
+from pathlib import Path
+
 import pytest
 
 from flowsan_lib import config
 
 
-@pytest.mark.parametrize("preset", ["smoke", "quick", "full", "paper"])
+PRESETS = sorted(p.stem for p in (Path(config.__file__).resolve().parent.parent / "params").glob("*.yaml"))
+
+
+def test_the_documented_presets_exist():
+    assert {"smoke", "quick", "medium", "full", "paper"} <= set(PRESETS)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
 def test_presets_validate(preset):
     params = config.load(preset)
     assert params.san.n_stages >= 1 and params.data.resolution % 16 == 0

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -253,3 +252,22 @@ def run_child(script: Path, args: list[str], timeout: float = 3600) -> dict:
         tail = (res.stderr or res.stdout)[-3000:]
         return {"error": f"child exited {res.returncode}: {tail}", "wall_s": round(time.time() - t0, 1)}
     return json.loads(lines[-1])
+
+
+# --- the original computation ------------------------------------------------------------------
+
+def layered(san) -> torch.nn.Module:
+    """A copy of `san` (same weights) whose forward and perturb run layer by layer, as the original
+    network did (`SAN.reference_forward`): the baseline the library's phase-conv SAN is timed against."""
+    from flowsan_lib.models.san import SAN
+
+    class LayeredSAN(SAN):
+        def forward(self, x, p_sm, p_op):
+            return self.reference_forward(x, p_sm, p_op)
+
+        def perturb(self, x, p_sm, p_op):
+            return self.reference_forward(x, p_sm, p_op)[1]
+
+    copy = LayeredSAN(**san.config())
+    copy.load_state_dict(san.state_dict())
+    return copy.to(next(san.parameters()).device).train(san.training)

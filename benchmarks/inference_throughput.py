@@ -48,23 +48,12 @@ def make_model_folder(folder: Path, faces: common.Faces, n_stages: int) -> Path:
     return folder
 
 
-class LayeredSAN(torch.nn.Module):
-    """A SAN whose `perturb` runs layer by layer (`reference_forward`): the computation before the phase convs."""
-
-    def __init__(self, san: SAN):
-        super().__init__()
-        self.san = san.eval()
-
-    def perturb(self, x, p_sm, p_op):
-        return self.san.reference_forward(x, p_sm, p_op)[1]
-
-
 def run_sequence(stages, x, bank, y, device, option: str) -> tuple[float, float, torch.Tensor]:
     """Wall and CPU seconds of FlowSAN over all images (tensor in, tensor out on the host), last output."""
     if option == "cl":
         stages = [s.to(device, memory_format=torch.channels_last) for s in stages]
     if option == "layered":
-        stages = [LayeredSAN(s) for s in stages]
+        stages = [common.layered(s) for s in stages]
     common.sync(device)
     t0, c0 = time.perf_counter(), time.process_time()
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=option == "bf16"):

@@ -80,18 +80,13 @@ def parse_variant(spec: str) -> dict:
 
 # --- the networks ----------------------------------------------------------------------------
 
-class LayeredSAN(SAN):
-    """The library's SAN computed layer by layer, as the original network (same weights, same values)."""
-
-    def forward(self, x, p_sm, p_op):
-        return self.reference_forward(x, p_sm, p_op)
-
-
 def networks(resolution: int, device, options=(), layered: bool = False):
     """(SAN, frozen aux CNN, frozen face-api matcher) on device, with the speed options applied."""
     from flowsan_lib.models import load_matcher
     torch.manual_seed(0)
-    san = (LayeredSAN if layered else SAN)(resolution, 3).to(device)
+    san = SAN(resolution, 3).to(device)
+    if layered:
+        san = common.layered(san)
     aux = freeze(AuxGenderCNN(resolution, "original", name="G01")).to(device)
     matcher = load_matcher("faceapi", device)
     for m in (aux, matcher) if "cl" in options else ():
@@ -151,7 +146,7 @@ def done(times: list[tuple], steps: int, warmup: int, budget_s: float) -> bool:
 
 
 def time_plain(v: dict, faces: common.Faces, san, aux, matcher, device, steps: int, warmup: int,
-               budget_s: float = 0.0) -> list[float]:
+               budget_s: float = 0.0) -> list[tuple[float, float]]:
     """Step end times of the plain loop (original recipe); data loading is inside the timed steps."""
     n = (steps + warmup + 1) * v["batch"]
     f = faces.tiled(n)
@@ -179,7 +174,7 @@ def time_plain(v: dict, faces: common.Faces, san, aux, matcher, device, steps: i
 # --- our fastai training path ----------------------------------------------------------------
 
 def time_fastai(v: dict, faces: common.Faces, san, aux, matcher, device, steps: int, warmup: int,
-                budget_s: float = 0.0) -> list[float]:
+                budget_s: float = 0.0) -> list[tuple[float, float]]:
     """Step end times of `flow.train_san` (the path 04_flowsan uses), cancelled after the last step."""
     from fastai.callback.core import Callback, CancelFitException
 

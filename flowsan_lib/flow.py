@@ -111,11 +111,11 @@ def san_loss(sp, gender, matcher) -> SanLoss:
 
 
 def frozen_for_loss(net, device):
-    """A frozen auxiliary network on `device`, in eval mode, with channels-last conv weights.
+    """A frozen auxiliary network moved (in place) to `device`, eval mode, channels-last conv weights.
 
-    Channels-last lets oneDNN run the frozen convolutions without layout reorders: the SAN training
-    step measured about 1.4x faster on the 2-core CPU at 112 px (benchmarks/README.md). Values are
-    unchanged; the input gradient differs only by float rounding.
+    Channels-last lets oneDNN run the frozen convolutions without layout reorders (a faster SAN
+    training step on the 2-core CPU, benchmarks/README.md). Values are unchanged; the input
+    gradient differs only by float rounding.
     """
     if net is None:
         return None

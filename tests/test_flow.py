@@ -175,7 +175,6 @@ def test_ensemble_combinations(setup, tmp_path):
     assert (flow.ens_avg(arr, 2) == 16).all()  # rint(15.5) = 16
 
 
-
 def test_pixel_loss_schemes_pick_their_target(setup):
     data = setup["data"]
     pert = data.with_inputs(data.original.flip(-1))

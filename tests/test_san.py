@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from flowsan_lib.config import SanParams
-from flowsan_lib.flow import StageData, train_san
-from flowsan_lib.losses import SanLoss, gender_loss, match_loss, pixel_loss
+from flowsan_lib.flow import StageData, frozen_for_loss, train_san
+from flowsan_lib.losses import SanLoss, gender_logit, gender_loss, match_loss, pixel_loss
 from flowsan_lib.models.aux_cnn import AuxGenderCNN, freeze
 from flowsan_lib.models.san import SAN, n_params
 from flowsan_lib.prototypes import make_bank, mean_faces
@@ -141,7 +141,6 @@ def test_match_term_compares_with_given_original_descriptors(tiny_faces, faceapi
 
 def test_one_call_on_both_outputs_equals_two_calls(tiny_faces_factory, faceapi_matcher):
     """SanLoss runs M and G once on cat(I'_sm, I'_op): the same loss and SAN gradients as two calls each."""
-    from flowsan_lib.flow import frozen_for_loss
     tf = tiny_faces_factory(64)
     x, y = tf.images(), torch.from_numpy(tf.gender)
     p = _protos(tf)["rgb"]
@@ -151,7 +150,6 @@ def test_one_call_on_both_outputs_equals_two_calls(tiny_faces_factory, faceapi_m
     san = SAN(64, 3, 0.5)
     out = san(x, p[y], p[1 - y])
     one = SanLoss(frozen_for_loss(g, "cpu"), frozen_for_loss(faceapi_matcher, "cpu"))(out, x, d, y.float())
-    from flowsan_lib.losses import gender_logit
     two = (pixel_loss(out[0], x) + 8 * match_loss(faceapi_matcher(out[0]), faceapi_matcher(out[1]), d)
            + gender_loss(gender_logit(g, out[0]), gender_logit(g, out[1]), y.float()))
     assert one.item() == pytest.approx(two.item(), rel=1e-5)

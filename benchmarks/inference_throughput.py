@@ -6,7 +6,7 @@
 A FlowSAN model folder with 5 stages is written for each resolution (stages freshly initialised
 and seeded: the cost of a SAN does not depend on its weights; prototypes are the mean faces of the
 real sample faces), through the library's `save_model` / `load_model`.
-- tensor: `flow.flow_sequence(stages[:n], x, bank, y)` on real gray crops [N,1,R,R] (the transform
+- tensor: `methods.flow_sequence(stages[:n], x, bank, y)` on real gray crops [N,1,R,R] (the transform
   between training stages and the inside of `FlowModel.anonymize`), batches of 128, no gradients.
   Options: `bf16` (autocast), `cl` (channels-last SANs), `layered` (the SANs computed layer by
   layer, `SAN.reference_forward`, as before the phase-conv forward: shows what that saves); each is
@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 import common
-from flowsan_lib import flow
+from flowsan_lib import methods, modelio
 from flowsan_lib.models.san import SAN
 from flowsan_lib.prototypes import make_bank, save_prototypes
 
@@ -44,7 +44,7 @@ def make_model_folder(folder: Path, faces: common.Faces, n_stages: int) -> Path:
     for i in range(n_stages):
         torch.manual_seed(i)
         stages.append(SAN(r, 3))
-    flow.save_model(folder, "flowsan", stages, protos_file, {"benchmark": True}, {"name": "none"})
+    modelio.save_model(folder, "flowsan", stages, protos_file, {"benchmark": True}, {"name": "none"})
     return folder
 
 
@@ -57,7 +57,7 @@ def run_sequence(stages, x, bank, y, device, option: str) -> tuple[float, float,
     common.sync(device)
     t0, c0 = time.perf_counter(), time.process_time()
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=option == "bf16"):
-        out = flow.flow_sequence(stages, x, bank, y, device=device)[-1]
+        out = methods.flow_sequence(stages, x, bank, y, device=device)[-1]
     common.sync(device)
     return time.perf_counter() - t0, time.process_time() - c0, out
 
@@ -65,7 +65,7 @@ def run_sequence(stages, x, bank, y, device, option: str) -> tuple[float, float,
 def tensor_rows(resolution: int, n_stages: int, n_images: int, options, device, repeats: int, tmp: Path) -> list[dict]:
     """images/s of FlowSAN-n (n = 1..n_stages) on real crops, per option, with the fp32 difference."""
     faces = common.real_faces(resolution, 64)
-    model = flow.load_model(make_model_folder(tmp / f"flowsan_{resolution}", faces, n_stages), device)
+    model = modelio.load_model(make_model_folder(tmp / f"flowsan_{resolution}", faces, n_stages), device)
     f = faces.tiled(n_images)
     bank = make_bank(model.protos, model.channels, model.warp)
     run_sequence(model.stages[:1], f.x[:8], bank, f.y[:8], device, "fp32")  # warm-up (allocator, kernels)
@@ -78,7 +78,7 @@ def tensor_rows(resolution: int, n_stages: int, n_images: int, options, device, 
                 s, c, out = run_sequence(stages, f.x, bank, f.y, device, opt)
                 secs.append(s)
                 cpus.append(c)
-            levels = flow.to_uint8(out.float()).astype(int)
+            levels = methods.to_uint8(out.float()).astype(int)
             if opt == "fp32":
                 ref[n] = levels
             diff = int(abs(levels - ref[n]).max()) if n in ref else None

@@ -22,7 +22,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .flow import ModelError, load_model, to_uint8
+from .methods import to_uint8
+from .modelio import ModelError, load_model
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp"}
 GENDER_WORDS = {"1": 1, "0": 0, "male": 1, "female": 0, "m": 1, "f": 0}

@@ -3,7 +3,7 @@
 The run folder holds real aligned faces (the eight LFW reference faces, two per person, as the
 LFW test set; UTKFace sample faces for training and as the UTKFace test set) and, standing in for
 04_flowsan's output, image sequences made by blending each face towards the other gender's mean
-face (an input to the stage under test, written in 04's format with flow.write_test_outputs).
+face (an input to the stage under test, written in 04's format with methods.write_test_outputs).
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def _utk_faces(n: int):
 
 def make_run(root, tiny, lfw_paths) -> None:
     """01_data (faces.npz/csv) and 04_flowsan/outputs_test.npz of a miniature run."""
-    from flowsan_lib.flow import write_test_outputs
+    from flowsan_lib.methods import write_test_outputs
     utk_gray, utk = _utk_faces(40)
     n_lfw = len(tiny.gray)
     gray = np.concatenate([tiny.gray, utk_gray])

@@ -8,9 +8,11 @@ import pytest
 import torch
 from fastai.callback.core import Callback
 
-from flowsan_lib import flow
+from flowsan_lib import flow, methods, modelio
 from flowsan_lib.config import SanParams
-from flowsan_lib.flow import ModelError, StageData, apply_san, load_model, save_model, train_flowsan
+from flowsan_lib.flow import StageData, train_flowsan
+from flowsan_lib.methods import apply_san
+from flowsan_lib.modelio import ModelError, load_model, save_model
 from flowsan_lib.models.aux_cnn import AuxGenderCNN, freeze
 from flowsan_lib.models.san import SAN
 from flowsan_lib.prototypes import make_bank, mean_faces, save_prototypes
@@ -123,7 +125,7 @@ def _model(setup, tmp_path, kind="flowsan"):
 def test_model_folder_reloads_and_reproduces_outputs_bit_for_bit(setup, tmp_path):
     folder, stages = _model(setup, tmp_path)
     data = setup["data"]
-    before = flow.flow_sequence(stages, data.original, data.bank, data.y)
+    before = methods.flow_sequence(stages, data.original, data.bank, data.y)
     m = load_model(folder)
     after = m.outputs(data.original, data.y)
     assert len(after) == 2 and all(torch.equal(a, b) for a, b in zip(before, after))
@@ -162,17 +164,17 @@ def test_model_rejects_other_resolutions_and_bad_labels(setup, tmp_path, tiny_fa
 
 def test_ensemble_combinations(setup, tmp_path):
     outs = [torch.full((3, 1, 2, 2), v) for v in (0.2, 0.4, 0.9)]
-    assert torch.allclose(flow.ens_avg(outs, 2), torch.full((3, 1, 2, 2), 0.3))
-    picks = flow.gibbs_picks(3, 3, seed=1)
-    assert (picks == flow.gibbs_picks(3, 3, seed=1)).all() and (picks[0] == 0).all() and picks.max() <= 2
-    g = flow.ens_gibbs(outs, 3, picks)
+    assert torch.allclose(methods.ens_avg(outs, 2), torch.full((3, 1, 2, 2), 0.3))
+    picks = methods.gibbs_picks(3, 3, seed=1)
+    assert (picks == methods.gibbs_picks(3, 3, seed=1)).all() and (picks[0] == 0).all() and picks.max() <= 2
+    g = methods.ens_gibbs(outs, 3, picks)
     assert all(torch.equal(g[k], outs[picks[2][k]][k]) for k in range(3))
     p_male = np.array([[0.9, 0.9, 0.9], [0.1, 0.1, 0.1], [0.5, 0.5, 0.5]])
-    best = flow.ens_best(outs, 3, p_male, np.array([1, 0, 1]))
+    best = methods.ens_best(outs, 3, p_male, np.array([1, 0, 1]))
     assert best[0, 0, 0, 0].item() == pytest.approx(0.4)  # male: lowest P(male)
     assert best[1, 0, 0, 0].item() == pytest.approx(0.2)  # female: highest P(male)
     arr = np.stack([np.full((3, 2, 2), v, np.uint8) for v in (10, 21, 90)])
-    assert (flow.ens_avg(arr, 2) == 16).all()  # rint(15.5) = 16
+    assert (methods.ens_avg(arr, 2) == 16).all()  # rint(15.5) = 16
 
 
 def test_pixel_loss_schemes_pick_their_target(setup):
@@ -200,4 +202,4 @@ def test_init_from_ensemble_continues_from_member_i(setup, tmp_path):
         assert not torch.equal(s.combiner.weight, w)
         # one more epoch from the member: closer to it than to a fresh start
         assert (s.combiner.weight - w).abs().mean() < 0.5 * w.abs().mean()
-    assert flow.read_san(tmp_path / "flowsan" / "stage01.safetensors")[1]["params"]["init"] == "ensemble"
+    assert modelio.read_san(tmp_path / "flowsan" / "stage01.safetensors")[1]["params"]["init"] == "ensemble"

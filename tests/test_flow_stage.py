@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from flowsan_lib import config
-from flowsan_lib.flow import load_model, load_test_outputs, run_flowsan_stage, to_uint8
+from flowsan_lib.flowsan_stage import run_flowsan_stage
+from flowsan_lib.methods import load_test_outputs, to_uint8
+from flowsan_lib.modelio import load_model
 from flowsan_lib.prototypes import run_prototypes_stage
 from flowsan_lib.train import run_aux_stage
 

@@ -45,7 +45,7 @@ def find_model_folder(run_dir, kind: str = "flowsan") -> Path | None:
 def protected_split(model, faces, split: str, device="cpu") -> list[np.ndarray]:
     """Psi(I, t) for t = 1..n of one split's images, each uint8 [N, R, R]."""
     import torch
-    from ..flow import flow_sequence, to_uint8
+    from ..methods import flow_sequence, to_uint8
     sub = faces.split(split)
     if not len(sub):
         return []
@@ -158,7 +158,7 @@ def run_attacks(P, run_dir, faces, seq, images, test_sets, d_sets, matchers, boo
     folder = find_model_folder(run_dir, "flowsan")
     prot_train, prot_valid = [], []
     if folder is not None:
-        from ..flow import load_model
+        from ..modelio import load_model
         model = load_model(folder, device)
         prot_train = protected_split(model, faces, "train", device)
         prot_valid = protected_split(model, faces, "val", device)

@@ -64,7 +64,7 @@ FMRS = (1e-3, 1e-2)
 
 @dataclass
 class Sequences:
-    """Test-split image sequences from the FlowSAN stage (see flowsan_lib.flow.write_test_outputs)."""
+    """Test-split image sequences from the FlowSAN stage (see flowsan_lib.methods.write_test_outputs)."""
     rows: np.ndarray             # [N] row of each test image in the data stage's faces
     original: np.ndarray         # [N, R, R] uint8
     flowsan: np.ndarray          # [n, N, R, R]: flowsan[t-1] = I'_t = Psi(I, t)
@@ -77,7 +77,7 @@ class Sequences:
 
 
 def load_sequences(path: Path) -> Sequences:
-    """Read `04_flowsan/outputs_test.npz` (keys defined by flowsan_lib.flow.write_test_outputs)."""
+    """Read `04_flowsan/outputs_test.npz` (keys defined by flowsan_lib.methods.write_test_outputs)."""
     with np.load(path, allow_pickle=False) as z:
         has_ens = "ens_members" in z.files and len(z["ens_members"]) > 0
         members = z["ens_members"] if has_ens else None

@@ -132,6 +132,6 @@ def classical_suite(train_gray, train_male, seed: int, log=print) -> list[classi
 
 def auxiliary_classifiers(aux_dir, n: int, device) -> list[TorchClassifier]:
     """The SANs' own auxiliary classifiers G_1..G_n, flagged seen: a reference, never in summaries."""
-    from ..flow import load_aux_classifiers
+    from ..flowsan_stage import load_aux_classifiers
     return [TorchClassifier(g, "auxiliary", True, device=device, label=f"aux_G{i:02d}")
             for i, g in enumerate(load_aux_classifiers(aux_dir, n), 1)]

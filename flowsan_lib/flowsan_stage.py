@@ -1,0 +1,218 @@
+"""The 04_flowsan stage: train the ensemble and FlowSAN, save both model folders, the test-split
+outputs of every method, and a quick check with the seen networks (the full evaluation is 05)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .flow import StageData, base_params, cached_descriptors, descriptors, train_ensemble, train_flowsan
+from .methods import (ens_best, flow_sequence, gibbs_picks, load_test_outputs, member_outputs, to_images,
+                      to_uint8, write_test_outputs)
+from .modelio import ModelError, save_model
+from .models.aux_cnn import AuxGenderCNN, load_aux
+from .prototypes import ProtoBank, load_prototypes, make_bank
+from .train import pick_device
+
+@torch.no_grad()
+def p_male(g, x: torch.Tensor, bs: int = 256) -> np.ndarray:
+    return torch.cat([g(x[i:i + bs]).float() for i in range(0, len(x), bs)]).numpy()
+
+
+def auc(p: np.ndarray, y: np.ndarray) -> float:
+    from .evaluate.metrics import roc_auc
+    return float(roc_auc(p, y))
+
+
+def tmr_at(desc_orig: torch.Tensor, desc_pert: torch.Tensor, pairs, fmr: float) -> float | None:
+    """TMR at FMR of cosine scores, original image (pair col 0) vs perturbed image (col 1)."""
+    from .evaluate.metrics import tmr_at_fmr
+    if not len(pairs.genuine) or not len(pairs.impostor):
+        return None
+    score = lambda pr: (desc_orig[pr[:, 0]] * desc_pert[pr[:, 1]]).sum(1).numpy()
+    return float(tmr_at_fmr(score(pairs.genuine), score(pairs.impostor), fmr))
+
+
+MATCH_FMR = 0.01          # operating point of the stage's quick matcher check
+MATCH_IMPOSTORS = 2000    # impostor pairs of that check (the full evaluation samples its own)
+
+
+def seen_metrics(aux: list, matcher, d: dict, seed: int) -> dict:
+    """Auxiliary classifiers' AUC and the auxiliary matcher's TMR at FMR 1% on the test outputs."""
+    from .evaluate.pairs import different_image_pairs
+    f = lambda a: torch.from_numpy(np.ascontiguousarray(a)).float().div(255).unsqueeze(1)
+    y = d["gender"].astype(int)
+    Te = len(d["ens_members"])
+    out: dict = {"aux_auc": {}, "matcher": {}}
+    for j, g in enumerate(aux, 1):
+        members_p = np.stack([p_male(g, f(m)) for m in d["ens_members"]]) if Te else None
+        r = {"original": auc(p_male(g, f(d["original"])), y),
+             "flowsan": [auc(p_male(g, f(x)), y) for x in d["flowsan"]]}
+        if Te:
+            r["ens_avg"] = [auc(p_male(g, f(x)), y) for x in d["ens_avg"]]
+            r["ens_gibbs"] = [auc(p_male(g, f(x)), y) for x in d["ens_gibbs"]]
+            r["ens_best"] = [auc(p_male(g, f(ens_best(d["ens_members"], t, members_p, y))), y)
+                             for t in range(1, Te + 1)]
+        out["aux_auc"][f"G{j:02d}"] = r
+    pairs = different_image_pairs(d["identity"], MATCH_IMPOSTORS, seed)
+    ref = descriptors(matcher, f(d["original"]))
+    m = {"fmr": MATCH_FMR, "n_genuine": int(len(pairs.genuine)), "n_impostor": int(len(pairs.impostor)),
+         "note": pairs.note, "tmr_original": tmr_at(ref, ref, pairs, MATCH_FMR),
+         "tmr_flowsan": [tmr_at(ref, descriptors(matcher, f(x)), pairs, MATCH_FMR) for x in d["flowsan"]]}
+    if Te:
+        m["tmr_ens_avg"] = [tmr_at(ref, descriptors(matcher, f(x)), pairs, MATCH_FMR) for x in d["ens_avg"]]
+        m["tmr_ens_gibbs"] = [tmr_at(ref, descriptors(matcher, f(x)), pairs, MATCH_FMR) for x in d["ens_gibbs"]]
+    out["matcher"] = m
+    orig = d["original"].astype(np.float32) / 255
+    out["mean_abs_change"] = {"flowsan": [float(np.abs(x / 255 - orig).mean()) for x in d["flowsan"]]}
+    if Te:
+        out["mean_abs_change"]["ens_avg"] = [float(np.abs(x / 255 - orig).mean()) for x in d["ens_avg"]]
+    return out
+
+
+def _split_data(fs, split: str, desc: torch.Tensor, bank: ProtoBank) -> tuple[np.ndarray, StageData]:
+    rows = np.flatnonzero((fs.table["split"].to_numpy() == split) & (fs.table["gender"].to_numpy() >= 0))
+    if len(rows) == 0:
+        raise ValueError(f"the {split} split has no labelled face: "
+                         "the 04_flowsan stage needs train, val and test faces")
+    x = to_images(fs.gray[rows])
+    y = torch.from_numpy(fs.table["gender"].to_numpy()[rows]).float()
+    return rows, StageData(x, x, desc[rows], y, bank.subset(rows))
+
+
+def load_aux_classifiers(aux_dir: Path, n: int, device="cpu") -> list[AuxGenderCNN]:
+    """G_1..G_n from the 03_aux_classifiers stage."""
+    found = sorted(Path(aux_dir).glob("aux[0-9][0-9].safetensors"))
+    if len(found) < n:
+        raise ValueError(f"{aux_dir} holds {len(found)} auxiliary classifiers but san.n_stages = {n}: "
+                         f"set aux.n_classifiers >= {n} and re-run 03_aux_classifiers")
+    return [load_aux(aux_dir / f"aux{i:02d}.safetensors", device) for i in range(1, n + 1)]
+
+
+def run_flowsan_stage(P, run_dir, stage_dir, extra_cbs=None) -> dict:
+    """Train the ensemble and FlowSAN (resuming), save both model folders, test outputs and metrics."""
+    from .data import load_faces
+    from .models.interfaces import load_matcher
+    from .pipeline import stage_path
+    t_start = time.time()
+    stage_dir = Path(stage_dir)
+    sp, device = P.san, pick_device(P.device)
+    fs = load_faces(run_dir)
+    r = fs.resolution
+    protos_file = stage_path(run_dir, "02_prototypes") / "prototypes.safetensors"
+    protos = load_prototypes(protos_file)
+    if protos["gray"].shape[-1] != r:
+        raise ModelError(f"{protos_file} holds {protos['gray'].shape[-1]}-px prototypes but the faces are {r} px: "
+                         "re-run 02_prototypes")
+    aux = load_aux_classifiers(stage_path(run_dir, "03_aux_classifiers"), sp.n_stages)
+    for g in aux:
+        if g.resolution != r:
+            raise ModelError(f"auxiliary classifier {g.name} was trained at {g.resolution} px, faces are {r} px")
+    matcher = load_matcher(sp.matcher)
+    t0 = time.time()
+    desc = cached_descriptors(matcher, sp.matcher, fs.gray, stage_dir / "descriptors.safetensors", device)
+    t_desc = time.time() - t0
+    t0 = time.time()
+    bank = make_bank(protos, P.prototypes.channels, P.prototypes.warp, fs.landmarks)
+    t_bank = time.time() - t0
+    _, train = _split_data(fs, "train", desc, bank)
+    _, valid = _split_data(fs, "val", desc, bank)
+    test_rows, test = _split_data(fs, "test", desc, bank)
+    base = base_params(P, r)
+    ckpt, hist = stage_dir / "checkpoints", stage_dir / "history"
+    hist.mkdir(parents=True, exist_ok=True)
+    members, ens_info = [], []
+    if sp.train_ensemble:
+        members, ens_info = train_ensemble(sp, P.seed, train, valid, aux, matcher, stage_dir / "ensemble", ckpt,
+                                           hist, base, device, extra_cbs)
+    stages, flow_info = train_flowsan(sp, P.seed, train, valid, aux, matcher, stage_dir / "flowsan", ckpt, hist,
+                                      base, members, device, extra_cbs, members_info=ens_info)
+    prov = {"name": sp.matcher, **getattr(matcher, "provenance", {})}
+    meta = {"params": {"seed": P.seed, "san": dataclasses.asdict(sp), "prototypes": dataclasses.asdict(P.prototypes),
+                       "aux": dataclasses.asdict(P.aux)}, "matcher": prov}
+    save_model(stage_dir / "flowsan", "flowsan", stages, protos_file, meta["params"], prov, aux[:1])
+    if members:
+        save_model(stage_dir / "ensemble", "ensemble", members, protos_file, meta["params"], prov, aux[:1])
+    # test split: every method's sequence, then the seen networks' quick check
+    t0 = time.time()
+    flow_out = flow_sequence(stages, test.original, test.bank, test.y, device=device)
+    mem_out = member_outputs(members, test.original, test.bank, test.y, device=device)
+    empty = np.zeros((0, len(test_rows), r, r), np.uint8)
+    picks = gibbs_picks(len(test_rows), len(members), P.seed) if members else np.zeros((0, len(test_rows)), np.int64)
+    write_test_outputs(stage_dir / "outputs_test.npz", test_rows, test.y.numpy().astype(int),
+                       fs.table["identity"].to_numpy()[test_rows], to_uint8(test.original),
+                       np.stack([to_uint8(x) for x in flow_out]),
+                       np.stack([to_uint8(x) for x in mem_out]) if mem_out else empty, picks)
+    t_test = time.time() - t0
+    t0 = time.time()
+    seen = seen_metrics(aux, matcher, load_test_outputs(stage_dir / "outputs_test.npz"), P.seed)
+    metrics = {
+        "resolution": r, "n_train": len(train), "n_val": len(valid), "n_test": len(test_rows),
+        "n_stages": sp.n_stages, "epochs": sp.epochs, "precision": sp.precision, "matcher": sp.matcher,
+        "seconds": {"descriptors": round(t_desc, 2), "prototype_bank": round(t_bank, 2),
+                    "flowsan_train": [s.get("seconds", 0.0) for s in flow_info],
+                    "flowsan_transform": [s["transform_seconds"] for s in flow_info],
+                    "ensemble_train": [s.get("seconds", 0.0) for s in ens_info],
+                    "test_outputs": round(t_test, 2), "metrics": round(time.time() - t0, 2),
+                    "total": round(time.time() - t_start, 2)},
+        "flowsan_stages": flow_info, "ensemble_members": ens_info, **seen,
+    }
+    last = {k: v["flowsan"][-1] for k, v in seen["aux_auc"].items()}
+    metrics["seen_auc_at_t_max"] = last
+    metrics["seen_confounded"] = bool(all(abs(a - 0.5) <= 0.1 for a in last.values()))
+    (stage_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, default=_json_default))
+    return metrics
+
+
+def _json_default(o):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+# --- display helpers for the notebooks ---------------------------------------------------------
+
+def auc_table(metrics: dict):
+    """Seen classifiers' test AUC: one row per (classifier, method), columns original and t = 1..n."""
+    import pandas as pd
+    rows = []
+    for g, r in metrics["aux_auc"].items():
+        for method, vals in r.items():
+            if method == "original":
+                continue
+            rows.append({"classifier": g, "method": method, "original": r["original"],
+                         **{f"t={t}": v for t, v in enumerate(vals, 1)}})
+    return pd.DataFrame(rows).set_index(["classifier", "method"]).round(3)
+
+
+def tmr_table(metrics: dict):
+    """Auxiliary matcher's TMR at FMR 1% (original vs perturbed image of the same person)."""
+    import pandas as pd
+    m = metrics["matcher"]
+    rows = [{"method": k[4:], "original": m["tmr_original"], **{f"t={t}": v for t, v in enumerate(vals, 1)}}
+            for k, vals in m.items() if k.startswith("tmr_") and k != "tmr_original"]
+    return pd.DataFrame(rows).set_index("method").round(3)
+
+
+def time_table(metrics: dict):
+    """Seconds per stage: training and the transform of the training set before it."""
+    import pandas as pd
+    s = metrics["seconds"]
+    n = len(s["flowsan_train"])
+    ens = s["ensemble_train"] or [None] * n
+    return pd.DataFrame({"flowsan_train_s": s["flowsan_train"], "flowsan_transform_s": s["flowsan_transform"],
+                         "ensemble_train_s": ens}, index=pd.Index(range(1, n + 1), name="stage"))
+
+
+def sequence_grid(npz_path: Path, n_faces: int = 6, seed: int = 0, scale: int = 2) -> np.ndarray:
+    """Image grid of test faces: rows = faces; columns = original, FlowSAN t=1..n, Ens-Avg t=1..n."""
+    from .prototypes import image_grid
+    d = load_test_outputs(npz_path)
+    rng = np.random.default_rng(seed)
+    pick = np.sort(rng.choice(len(d["original"]), min(n_faces, len(d["original"])), replace=False))
+    rows = [[d["original"][k]] + [x[k] for x in d["flowsan"]] + [x[k] for x in d["ens_avg"]] for k in pick]
+    return image_grid(rows, scale)

@@ -1,0 +1,69 @@
+"""Content, not existence: file hashes recorded when written and checked when read, atomic writes,
+paths confined to where they belong. One definition of each, used by every module that writes."""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+
+class IntegrityError(ValueError):
+    """A file does not match the hash recorded when it was written, or a path leaves its folder."""
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def hash_tree(folder: Path, skip: tuple[str, ...] = ()) -> dict[str, str]:
+    """sha256 of every file under folder, keyed by its POSIX path relative to it (names in skip excluded)."""
+    folder = Path(folder)
+    return {p.relative_to(folder).as_posix(): sha256_file(p)
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name not in skip}
+
+
+def tree_problems(folder: Path, recorded: dict[str, str]) -> list[str]:
+    """What differs between the files under folder and their recorded hashes ([] = intact)."""
+    problems = []
+    for rel, digest in recorded.items():
+        p = Path(folder) / rel
+        if not p.is_file():
+            problems.append(f"{rel} is missing")
+        elif sha256_file(p) != digest:
+            problems.append(f"{rel} was modified")
+    return problems
+
+
+def confined(base: Path, rel: str | os.PathLike, what: str) -> Path:
+    """base / rel, refused unless it stays inside base (no '..', no absolute path, no symlink escape)."""
+    base = Path(base).resolve()
+    target = (base / rel).resolve()
+    if Path(rel).is_absolute() or (target != base and base not in target.parents):
+        raise IntegrityError(f"{what} {str(rel)!r} points outside {base}; give a path inside it")
+    return target
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Yield a temporary path beside `path`; it replaces `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)

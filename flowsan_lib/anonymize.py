@@ -1,10 +1,20 @@
 """`flowsan anonymize`: detect and align the faces of any images, perturb them with a trained model.
 
 For each image the largest face is detected and aligned as the data stage does (dlib chip, 5
-landmarks, gray, resized to the model's resolution), the model's first t stages are applied
-(FlowSAN: Psi(I, t); ensemble: Ens-Avg of the first t members) and the perturbed crop is written as
-a gray PNG under OUTPUT_DIR with the image's relative path. `anonymize.csv` there lists every input:
-what was done, or why it failed.
+landmarks, gray, resized to the model's resolution; images larger than `align.MAX_SIDE` are shrunk
+first), the model's first t stages are applied (FlowSAN: Psi(I, t); ensemble: Ens-Avg of the first t
+members) and the perturbed crop is written as a gray PNG under OUTPUT_DIR at the image's relative path
+plus ".png" (`a.jpg` -> `a.jpg.png`, `a.png` -> `a.png.png`: the source extension is kept, so two
+inputs never share an output). `anonymize.csv` there lists every input: what was done, or why it
+was skipped (unreadable, truncated, no face).
+
+It streams: worker processes read and align batches of images (a bounded number in flight), the
+main process perturbs each batch (on the GPU when there is one) and writes its outputs atomically,
+then appends the batch's rows to `anonymize.csv`. Memory does not grow with the folder, a progress
+line appears on stderr at once, and an interrupted run (Ctrl-C, crash) leaves every listed output
+whole: a re-run into the same OUTPUT_DIR skips the images the CSV lists as done (same source bytes,
+output present, same label) and does the rest. `anonymize.json` holds the settings of the run; a
+re-run with another model, stage count or label mode is refused rather than mixed in.
 
 A SAN needs each subject's gender to choose the opposite prototype. Either pass a CSV with columns
 `file,gender` (file = path relative to INPUT_DIR or bare file name; gender 1/0, male/female, m/f), or
@@ -15,18 +25,28 @@ prototype pair, and the output then pushes the face TOWARDS its own gender.
 from __future__ import annotations
 
 import csv
+import hashlib
+import io
+import json
+import multiprocessing as mp
+import os
+import signal
+import sys
 import time
+from collections import deque
+from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
-import torch
 
-from .methods import to_uint8
-from .modelio import ModelError, load_model
+from .data.adapters import IMAGE_EXTS
+from .integrity import IntegrityError, atomic_path, atomic_write_text, confined, sha256_file
 
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp"}
 GENDER_WORDS = {"1": 1, "0": 0, "male": 1, "female": 0, "m": 1, "f": 0}
+REPORT, SETTINGS = "anonymize.csv", "anonymize.json"
+FIELDS = ["file", "status", "reason", "detail", "output", "gender", "gender_source", "p_male_aux", "stages",
+          "n_faces", "scale", "source_sha256"]
+FINAL_REASONS = {"unreadable", "truncated", "no_face"}  # failures a re-run would only repeat
 
 
 class AnonymizeError(ValueError):
@@ -45,8 +65,33 @@ def list_images(input_dir: Path) -> list[Path]:
     return files
 
 
+def output_name(rel: Path) -> Path:
+    """Where the perturbed crop of input `rel` goes: the same relative path plus .png (a.jpg -> a.jpg.png)."""
+    return rel.with_name(rel.name + ".png")
+
+
+def check_folders(input_dir: Path, output_dir: Path) -> tuple[Path, Path]:
+    """Resolved (input, output) folders; refuses outputs that would land among the inputs or vice versa."""
+    src, dst = Path(input_dir).resolve(), Path(output_dir).resolve()
+    if not src.is_dir():
+        raise AnonymizeError(f"input folder {input_dir} not found")
+    if dst == src or src in dst.parents:
+        raise AnonymizeError(f"output folder {dst} is the input folder {src} or inside it: the outputs would "
+                             "mix with (or replace) the originals; choose an output folder outside it")
+    if dst in src.parents:
+        raise AnonymizeError(f"input folder {src} is inside the output folder {dst}: choose an output folder "
+                             "that does not contain the inputs")
+    if dst.exists() and not dst.is_dir():
+        raise AnonymizeError(f"output {dst} exists and is not a folder")
+    if dst.is_dir() and any(dst.iterdir()) and not (dst / SETTINGS).is_file():
+        raise AnonymizeError(f"output folder {dst} is not empty and holds no earlier `flowsan anonymize` run "
+                             f"({SETTINGS}); choose an empty or new folder so no file of yours is overwritten")
+    return src, dst
+
+
 def read_labels(labels_csv: Path, files: list[Path]) -> dict[Path, int]:
     """Gender label (1 male, 0 female) of every input file from a file,gender CSV; errors name the problem."""
+    import pandas as pd
     labels_csv = Path(labels_csv)
     if not labels_csv.exists():
         raise AnonymizeError(f"labels file {labels_csv} not found")
@@ -73,67 +118,302 @@ def read_labels(labels_csv: Path, files: list[Path]) -> dict[Path, int]:
     return out
 
 
+# --- worker side: read + align one batch ---------------------------------------------------------
+
+def _worker_init() -> None:
+    """Workers leave Ctrl-C to the main process, which stops cleanly between batches."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def align_batch(items: list[tuple[str, str]], resolution: int, upsample: int) -> list[dict]:
+    """Read and align (rel, path) items into gray R-px crops + landmarks; a bad file is a result, never raised."""
+    from .data.align import MAX_SIDE, align_image, chip_to_resolution, landmarks_to_resolution
+    out = []
+    for rel, path in items:
+        r = {"file": rel, "gray": None, "lm": None, "reason": "", "detail": "", "n_faces": 0, "scale": "",
+             "source_sha256": ""}
+        try:
+            data = Path(path).read_bytes()
+            r["source_sha256"] = hashlib.sha256(data).hexdigest()
+            chip, lm, info = align_image(data, upsample, max_side=MAX_SIDE)
+            r.update(reason=info.get("reason", "") or ("" if chip is not None else "unreadable"),
+                     detail=info.get("detail", ""), n_faces=info.get("n_faces", 0),
+                     scale=round(info.get("scale", 1.0), 4))
+            if chip is not None:
+                r["gray"] = chip_to_resolution(chip, resolution)[0]
+                r["lm"] = landmarks_to_resolution(lm, resolution)
+        except Exception as e:  # noqa: BLE001 - one odd file must not end a run over thousands
+            r.update(reason="error", detail=f"{type(e).__name__}: {e}")
+        out.append(r)
+    return out
+
+
+class _Inline:
+    """Stand-in for a process pool when workers=0: runs each batch at submit (debugging, tiny folders)."""
+
+    def submit(self, fn, *args):
+        fut = Future()
+        fut.set_result(fn(*args))
+        return fut
+
+    def shutdown(self, wait=True, cancel_futures=False):
+        pass
+
+
+# --- anonymize.csv: append per batch, resume, compact ---------------------------------------------
+
+def read_report(path: Path) -> dict[str, dict]:
+    """Rows of an anonymize.csv by file (the last row of a file wins); a cut last line is dropped."""
+    if not path.is_file():
+        return {}
+    text = path.read_text()
+    if not text.endswith("\n"):
+        text = text[:text.rfind("\n") + 1]  # written by an interrupted run: the cut row is not done
+    rows = list(csv.reader(io.StringIO(text)))
+    if rows and rows[0] != FIELDS:
+        raise AnonymizeError(f"{path} has columns {rows[0]}, not those of this version ({','.join(FIELDS)}); "
+                             "choose a new output folder")
+    return {r[0]: dict(zip(FIELDS, r)) for r in rows[1:] if len(r) == len(FIELDS)}
+
+
+class _Report:
+    """anonymize.csv opened for appending: each batch's rows go out in one write (and fsync)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        if path.is_file():  # drop a row cut by an interrupted run, so the next append starts a line
+            raw = path.read_bytes()
+            if raw and not raw.endswith(b"\n"):
+                os.truncate(path, raw.rfind(b"\n") + 1)
+        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        if os.fstat(self.fd).st_size == 0:
+            self.append([dict(zip(FIELDS, FIELDS))])
+
+    def append(self, rows: list[dict]) -> None:
+        buf = io.StringIO()
+        csv.DictWriter(buf, fieldnames=FIELDS, lineterminator="\n").writerows(rows)
+        data = buf.getvalue().encode()
+        while data:
+            data = data[os.write(self.fd, data):]
+        os.fsync(self.fd)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def compact_report(path: Path) -> dict[str, dict]:
+    """Rewrite anonymize.csv with one row per file (the newest), sorted; returns the rows."""
+    rows = read_report(path)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=FIELDS, lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows[k] for k in sorted(rows))
+    atomic_write_text(path, buf.getvalue())
+    return rows
+
+
+def _is_done(row: dict | None, src: Path, out_dir: Path, label: int | None) -> bool:
+    """Whether an earlier run's row already covers this input (same bytes, output present, same label)."""
+    if row is None or row["source_sha256"] != sha256_file(src):
+        return False
+    if row["status"] == "failed":
+        return row["reason"] in FINAL_REASONS
+    if row["status"] != "ok" or not row["output"] or not (out_dir / row["output"]).is_file():
+        return False
+    return label is None or row["gender"] == str(label)
+
+
+# --- progress on stderr ---------------------------------------------------------------------------
+
+class _Progress:
+    """A tqdm bar on a terminal; elsewhere (logs, pipes) a plain line at most every `every` seconds."""
+
+    def __init__(self, stream, total: int, done: int, every: float = 5.0):
+        self.stream, self.total, self.done, self.every = stream, total, done, every
+        self.t0 = self.last = time.time()
+        self.new = self.ok = self.failed = 0
+        self.bar = None
+        if stream is not None and getattr(stream, "isatty", lambda: False)():
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, initial=done, file=stream, unit="img", desc="anonymize", dynamic_ncols=True)
+
+    def say(self, text: str) -> None:
+        if self.stream is None:
+            return
+        if self.bar is not None:
+            self.bar.write(text, file=self.stream)
+        else:
+            print(text, file=self.stream, flush=True)
+
+    def update(self, ok: int, failed: int) -> None:
+        n = ok + failed
+        self.new, self.ok, self.failed, self.done = self.new + n, self.ok + ok, self.failed + failed, self.done + n
+        if self.bar is not None:
+            self.bar.update(n)
+            self.bar.set_postfix(ok=self.ok, skipped=self.failed, refresh=False)
+        elif time.time() - self.last >= self.every:
+            self.line()
+
+    def line(self) -> None:
+        self.last = time.time()
+        dt = self.last - self.t0
+        rate = self.new / dt if dt > 0 else 0.0
+        eta = (self.total - self.done) / rate if rate > 0 else float("nan")
+        self.say(f"anonymize: {self.done}/{self.total} images ({100 * self.done / max(1, self.total):.0f}%), "
+                 f"this run: {self.ok} written, {self.failed} skipped, {rate:.1f} img/s, eta {eta:.0f} s")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        else:
+            self.line()
+
+
+# --- the command ----------------------------------------------------------------------------------
+
+def _perturb(m, x, y, lms, t: int, device):
+    """Psi(I, t) for FlowSAN, Ens-Avg of t members for an ensemble, on `device` (as FlowModel.anonymize,
+    which runs on the CPU only)."""
+    from .methods import ens_avg, flow_sequence, member_outputs
+    m.check_images(x)
+    bank = m.bank(lms)
+    if m.kind == "flowsan":
+        return flow_sequence(m.stages, x, bank, y, t, device=device)[-1]
+    return ens_avg(member_outputs(m.stages, x, bank, y, t, device=device), t)
+
+
+def default_workers() -> int:
+    return max(1, min(2, os.cpu_count() or 1))
+
+
 def anonymize_folder(model, input_dir, output_dir, stages: int | None = None, labels_csv=None,
-                     label_free: bool = False, upsample: int = 1) -> dict:
-    """Perturb the faces of every image in input_dir; returns a summary (also in anonymize.csv)."""
-    from .data import align_image, chip_to_resolution, landmarks_to_resolution
+                     label_free: bool = False, upsample: int = 1, workers: int | None = None,
+                     batch_size: int = 32, device="auto", progress=True) -> dict:
+    """Perturb the faces of every image in input_dir into output_dir, streaming; returns a summary.
+
+    workers: processes that read and align (default min(2, cores); 0 = in this process).
+    progress: True = progress lines on stderr, a stream = there, None/False = silent.
+    """
     t0 = time.time()
     if labels_csv is None and not label_free:
         raise AnonymizeError("a SAN needs each face's gender to pick the opposite prototype: pass --labels "
                              "CSV (columns file,gender) or --label-free to use the model's auxiliary classifier")
     if labels_csv is not None and label_free:
         raise AnonymizeError("choose either --labels or --label-free, not both")
-    m = load_model(Path(model))
+    input_dir, output_dir = check_folders(input_dir, output_dir)
+    progress = sys.stderr if progress is True else (progress or None)
+    workers = default_workers() if workers is None else int(workers)
+    files = list_images(input_dir)
+    say = (lambda s: print(s, file=progress, flush=True)) if progress is not None else (lambda s: None)
+    say(f"anonymize: {len(files)} images in {input_dir}; loading model {model}")
+    if len({output_name(f).as_posix().lower() for f in files}) != len(files):
+        raise AnonymizeError(f"{input_dir} holds file names that differ only in case; their outputs would collide "
+                             "on case-insensitive disks: rename them")
+    labels = read_labels(labels_csv, files) if labels_csv is not None else {}
+
+    # The pool starts before torch is imported, so the forked workers stay small.
+    ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context("spawn")
+    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init) if workers > 0 else _Inline()
+    pool.submit(int)  # launches the worker processes now
+    try:
+        return _run(pool, model, input_dir, output_dir, files, labels, stages, label_free, upsample, workers,
+                    batch_size, device, progress, t0)
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _run(pool, model, input_dir, output_dir, files, labels, stages, label_free, upsample, workers,
+         batch_size, device, progress, t0) -> dict:
+    import torch
+
+    from .methods import to_images, to_uint8
+    from .modelio import ModelError, load_model
+    from .train import pick_device
+    dev = pick_device(device) if isinstance(device, str) else torch.device(device)
+    m = load_model(Path(model), device=dev)
     t = len(m.stages) if stages is None else int(stages)
     if not 1 <= t <= len(m.stages):
         raise ModelError(f"model {model} has {len(m.stages)} stages; --stages must be between 1 and {len(m.stages)}")
     if label_free and m.aux is None:
         raise ModelError(f"model {model} holds no auxiliary classifier, so label-free mode is unavailable; "
                          "pass --labels")
-    input_dir, output_dir = Path(input_dir), Path(output_dir)
-    files = list_images(input_dir)
-    labels = read_labels(labels_csv, files) if labels_csv is not None else {}
+    source = "aux_G01" if label_free else "labels_csv"
+    settings = {"model_json_sha256": sha256_file(Path(model) / "model.json"), "kind": m.kind, "stages": t,
+                "resolution": m.resolution, "gender_source": source, "upsample": upsample}
     output_dir.mkdir(parents=True, exist_ok=True)
-    rows, crops, lms, done = [], [], [], []
-    for f in files:
-        chip, lm, info = align_image(input_dir / f, upsample)
-        row = {"file": f.as_posix(), "status": "failed", "reason": info.get("reason", ""),
-               "detail": info.get("detail", ""), "output": "", "gender": "", "gender_source": "",
-               "p_male_aux": "", "stages": t, "n_faces": info.get("n_faces", 0)}
-        rows.append(row)
-        if chip is None:
-            row["reason"] = row["reason"] or "unreadable"
-            continue
-        gray, _ = chip_to_resolution(chip, m.resolution)
-        crops.append(gray)
-        lms.append(landmarks_to_resolution(lm, m.resolution))
-        done.append(row)
-    if crops:
-        x = torch.from_numpy(np.stack(crops)).float().div(255).unsqueeze(1)
-        if label_free:
-            with torch.no_grad():
-                p = torch.cat([m.aux(x[i:i + 256]) for i in range(0, len(x), 256)])
-            y = (p > 0.5).float()
-            for row, pi in zip(done, p.tolist()):
-                row["p_male_aux"], row["gender_source"] = round(pi, 4), "aux_G01"
-        else:
-            y = torch.tensor([labels[Path(r["file"])] for r in done], dtype=torch.float32)
-            for row in done:
-                row["gender_source"] = "labels_csv"
-        out = to_uint8(m.anonymize(x, y, np.stack(lms), t))
-        from PIL import Image
-        for row, img, yi in zip(done, out, y.tolist()):
-            dest = output_dir / Path(row["file"]).with_suffix(".png")
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(img).save(dest)
-            row.update(status="ok", reason="", output=dest.relative_to(output_dir).as_posix(), gender=int(yi))
-    report = output_dir / "anonymize.csv"
-    with open(report, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    n_ok = sum(r["status"] == "ok" for r in rows)
-    return {"model": str(model), "kind": m.kind, "stages": t, "resolution": m.resolution,
-            "images": len(rows), "ok": n_ok, "failed": len(rows) - n_ok,
-            "label_source": "aux_G01" if label_free else "labels_csv", "report": str(report),
-            "seconds": round(time.time() - t0, 2)}
+    sfile = output_dir / SETTINGS
+    if sfile.is_file():
+        before = json.loads(sfile.read_text())
+        diff = sorted(k for k in settings if before.get(k) != settings[k])
+        if diff:
+            raise AnonymizeError(f"{output_dir} holds outputs of another run ({', '.join(diff)} differ: "
+                                 f"{ {k: before.get(k) for k in diff} } vs { {k: settings[k] for k in diff} }); "
+                                 "choose another output folder")
+    else:
+        atomic_write_text(sfile, json.dumps({**settings, "model": str(model)}, indent=1))
+
+    prev = read_report(output_dir / REPORT)
+    todo = [f for f in files if not _is_done(prev.get(f.as_posix()), input_dir / f, output_dir,
+                                             labels.get(f) if labels else None)]
+    prog = _Progress(progress, len(files), len(files) - len(todo))
+    prog.say(f"anonymize: {len(files) - len(todo)} of {len(files)} already done in {output_dir}; "
+             f"{m.kind} x{t} at {m.resolution} px on {dev}, {workers} worker(s)")
+    report = _Report(output_dir / REPORT)
+    batches = iter([[(f.as_posix(), str(input_dir / f)) for f in todo[i:i + batch_size]]
+                    for i in range(0, len(todo), batch_size)])
+    inflight: deque = deque()
+    from PIL import Image
+    try:
+        while True:
+            while len(inflight) < max(2, 2 * workers):
+                batch = next(batches, None)
+                if batch is None:
+                    break
+                inflight.append(pool.submit(align_batch, batch, m.resolution, upsample))
+            if not inflight:
+                break
+            results = inflight.popleft().result()
+            faces = [r for r in results if r["gray"] is not None]
+            rows = {r["file"]: {"file": r["file"], "status": "failed", "reason": r["reason"] or "unreadable",
+                                "detail": r["detail"], "output": "", "gender": "", "gender_source": "",
+                                "p_male_aux": "", "stages": t, "n_faces": r["n_faces"], "scale": r["scale"],
+                                "source_sha256": r["source_sha256"]} for r in results}
+            if faces:
+                x = to_images(np.stack([r["gray"] for r in faces]))
+                lms = np.stack([r["lm"] for r in faces])
+                with torch.no_grad():
+                    if label_free:
+                        p = m.aux(x.to(dev)).float().cpu()
+                        y = (p > 0.5).float()
+                    else:
+                        y = torch.tensor([labels[Path(r["file"])] for r in faces], dtype=torch.float32)
+                    out = to_uint8(_perturb(m, x, y, lms, t, dev).cpu())
+                for k, (r, img) in enumerate(zip(faces, out)):
+                    rel = output_name(Path(r["file"]))
+                    try:
+                        dest = confined(output_dir, rel, "output")
+                    except IntegrityError as e:
+                        rows[r["file"]].update(reason="output_outside", detail=str(e))
+                        continue
+                    with atomic_path(dest) as tmp:
+                        Image.fromarray(img).save(tmp, format="PNG")
+                    rows[r["file"]].update(status="ok", reason="", output=rel.as_posix(), gender=int(y[k]),
+                                           gender_source=source,
+                                           p_male_aux=round(float(p[k]), 4) if label_free else "")
+            report.append(list(rows.values()))
+            n_ok = sum(r["status"] == "ok" for r in rows.values())
+            prog.update(n_ok, len(rows) - n_ok)
+    except KeyboardInterrupt:
+        prog.say(f"anonymize: interrupted after {prog.new} images this run; {REPORT} lists every finished "
+                 "image: run the same command again to continue")
+        raise
+    finally:
+        report.close()
+        prog.close()
+    final = compact_report(output_dir / REPORT)
+    current = [final[f.as_posix()] for f in files if f.as_posix() in final]
+    n_ok = sum(r["status"] == "ok" for r in current)
+    return {"model": str(model), "kind": m.kind, "stages": t, "resolution": m.resolution, "device": str(dev),
+            "images": len(files), "processed": prog.new, "already_done": len(files) - len(todo),
+            "ok": n_ok, "failed": len(files) - n_ok, "label_source": source,
+            "report": str(output_dir / REPORT), "seconds": round(time.time() - t0, 2)}

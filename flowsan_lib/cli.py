@@ -53,8 +53,12 @@ def cmd_fetch(a) -> int:
 
 def cmd_anonymize(a) -> int:
     from .anonymize import anonymize_folder
-    summary = anonymize_folder(a.model, a.input_dir, a.output_dir, stages=a.stages,
-                               labels_csv=a.labels, label_free=a.label_free)
+    try:
+        summary = anonymize_folder(a.model, a.input_dir, a.output_dir, stages=a.stages, labels_csv=a.labels,
+                                   label_free=a.label_free, workers=a.workers, batch_size=a.batch_size,
+                                   device=a.device)
+    except KeyboardInterrupt:  # the outputs and anonymize.csv are consistent; the message says so
+        return 130
     print(summary)
     return 0
 
@@ -90,14 +94,20 @@ def parser() -> argparse.ArgumentParser:
                    "naming every missing or damaged file")
     f.set_defaults(func=cmd_fetch)
 
-    an = sub.add_parser("anonymize", help="detect, align and perturb the faces in a folder of images")
+    an = sub.add_parser("anonymize", help="detect, align and perturb the faces in a folder of images; writes "
+                        "OUTPUT_DIR/<relative path>.png and anonymize.csv, and resumes an interrupted run")
     an.add_argument("model", help="trained model folder (e.g. outputs/quick/04_flowsan/flowsan)")
     an.add_argument("input_dir")
-    an.add_argument("output_dir")
+    an.add_argument("output_dir", help="new or empty folder (or an earlier run's, to resume), outside input_dir")
     an.add_argument("--stages", type=int, help="apply the first t stages (default: all)")
     an.add_argument("--labels", help="CSV with columns file,gender (1 = male, 0 = female)")
     an.add_argument("--label-free", action="store_true",
                     help="take each face's gender from the model's auxiliary classifier instead of a CSV")
+    an.add_argument("--workers", type=int, help="processes that read and align images (default: min(2, cores); "
+                    "0 = none)")
+    an.add_argument("--batch-size", type=int, default=32, help="images per batch (default: 32)")
+    an.add_argument("--device", default="auto", help="torch device for the model: auto (GPU when there is one), "
+                    "cpu, cuda, cuda:1...")
     an.set_defaults(func=cmd_anonymize)
     return p
 

@@ -7,6 +7,7 @@ the matcher), `stageNN.safetensors`, `prototypes.safetensors`, optional `aux_G01
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .integrity import sha256_file
+from .integrity import IntegrityError, confined, sha256_file
 from .methods import ens_avg, flow_sequence, member_outputs
 from .models.aux_cnn import AuxGenderCNN, load_aux
 from .models.san import SAN
@@ -141,8 +142,44 @@ class FlowModel:
         return outs[-1] if self.kind == "flowsan" else ens_avg(outs, len(outs))
 
 
+MODEL_FILE = re.compile(r"(stage\d{2}|aux_G\d{2}|prototypes)\.safetensors")  # what `files` may list
+
+
+def _field_error(mj: Path, field: str, problem: str) -> ModelError:
+    return ModelError(f"{mj}: field {field!r} {problem}; the folder was modified or damaged")
+
+
+def _listed_files(folder: Path, mj: Path, doc: dict) -> dict[str, str]:
+    """The `files` field: only the names a model folder holds, each inside the folder, each a sha256."""
+    files = doc.get("files")
+    if not isinstance(files, dict) or not files:
+        raise _field_error(mj, "files", "must map each file of the folder to its sha256")
+    for name, digest in files.items():
+        try:
+            confined(folder, name, "model file")
+        except IntegrityError as e:
+            raise _field_error(mj, "files", f"names {name!r}, outside the model folder ({e})") from None
+        if not MODEL_FILE.fullmatch(name):
+            raise _field_error(mj, "files", f"names {name!r}, which is not a model folder file "
+                               "(stageNN / aux_GNN / prototypes .safetensors)")
+        if not (isinstance(digest, str) and len(digest) == 64):
+            raise _field_error(mj, "files", f"holds no sha256 for {name!r}")
+    return files
+
+
+def _int_field(mj: Path, doc: dict, field: str, low: int = 1) -> int:
+    v = doc.get(field)
+    if isinstance(v, bool) or not isinstance(v, int) or v < low:
+        raise _field_error(mj, field, f"is {v!r}, not an integer >= {low}")
+    return v
+
+
 def load_model(folder: Path, device="cpu") -> FlowModel:
-    """Load a model folder, verifying every file's checksum; clear errors name the bad file."""
+    """Load a model folder, verifying every file's checksum and every model.json field against the files.
+
+    A tampered model.json (a file outside the folder, a stage count, kind, resolution, channel count,
+    width or warp flag that the files do not bear out) is a ModelError naming the field.
+    """
     folder = Path(folder)
     mj = folder / "model.json"
     if not folder.is_dir():
@@ -153,34 +190,60 @@ def load_model(folder: Path, device="cpu") -> FlowModel:
         doc = json.loads(mj.read_text())
     except json.JSONDecodeError as e:
         raise ModelError(f"{mj} is not valid JSON: {e}") from None
-    if doc.get("format") != MODEL_FORMAT:
-        raise ModelError(f"{mj}: unsupported model format {doc.get('format')!r} (this code reads {MODEL_FORMAT})")
-    files = doc.get("files", {})
-    need = [f"stage{i:02d}.safetensors" for i in range(1, doc.get("n_stages", 0) + 1)] + ["prototypes.safetensors"]
+    if not isinstance(doc, dict) or doc.get("format") != MODEL_FORMAT:
+        raise ModelError(f"{mj}: unsupported model format {doc.get('format') if isinstance(doc, dict) else doc!r} "
+                         f"(this code reads {MODEL_FORMAT})")
+    kind = doc.get("kind")
+    if kind not in ("flowsan", "ensemble"):
+        raise _field_error(mj, "kind", f"is {kind!r}, not 'flowsan' or 'ensemble'")
+    files = _listed_files(folder, mj, doc)
+    n = _int_field(mj, doc, "n_stages")
+    need = [f"stage{i:02d}.safetensors" for i in range(1, n + 1)] + ["prototypes.safetensors"]
     for name in need:
         if name not in files:
-            raise ModelError(f"{mj} does not list {name}")
+            raise ModelError(f"{mj} does not list {name} (field 'n_stages' is {n})")
     for name, digest in files.items():
         p = folder / name
         if not p.exists():
             raise ModelError(f"model file {p} is missing")
         if sha256_file(p) != digest:
             raise ModelError(f"model file {p} does not match its sha256 in model.json: it was modified or damaged")
-    r = int(doc["resolution"])
+    listed = sorted(f for f in files if f.startswith("stage"))
+    present = sorted(p.name for p in folder.glob("stage*.safetensors"))
+    if listed != need[:-1] or present != listed:
+        raise _field_error(mj, "n_stages", f"is {n}, but the folder holds {len(present)} stage files "
+                           f"({', '.join(present) or 'none'}) and model.json lists {len(listed)}")
+    r = _int_field(mj, doc, "resolution", 8)
+    channels = doc.get("proto_channels")
+    if channels not in (1, 3) or isinstance(channels, bool):
+        raise _field_error(mj, "proto_channels", f"is {channels!r}, not 1 or 3")
+    warp = doc.get("params", {}).get("prototypes", {}).get("warp", False) if isinstance(doc.get("params"), dict) \
+        else None
+    if not isinstance(warp, bool):
+        raise _field_error(mj, "params.prototypes.warp", f"is {warp!r}, not true or false")
     stages = []
     for name in need[:-1]:
-        san, _ = read_san(folder / name)
-        if san.resolution != r:
-            raise ModelError(f"{folder / name} is a {san.resolution}-px SAN but model.json says {r} px")
+        san, meta = read_san(folder / name)
+        for field, value in (("resolution", san.resolution), ("proto_channels", san.proto_channels),
+                             ("width", san.width)):
+            if doc.get(field) != value:
+                raise _field_error(mj, field, f"is {doc.get(field)!r} but {name} was built with {value!r}")
+        trained = meta.get("params", {}).get("prototypes", {}).get("warp") if isinstance(meta.get("params"), dict) \
+            else None
+        if trained is not None and trained != warp:
+            raise _field_error(mj, "params.prototypes.warp", f"is {warp} but {name} was trained with warp {trained}")
         stages.append(san.to(device))
     protos = load_prototypes(folder / "prototypes.safetensors")
     if protos["gray"].shape[-1] != r:
-        raise ModelError(f"{folder / 'prototypes.safetensors'} holds {protos['gray'].shape[-1]}-px prototypes "
-                         f"but the model works at {r} px")
-    channels = int(doc["proto_channels"])
-    if select_channels(protos, channels).shape[1] != stages[0].proto_channels:
-        raise ModelError(f"{folder}: prototype channels do not match the stages")
+        raise _field_error(mj, "resolution", f"is {r} but prototypes.safetensors holds "
+                           f"{protos['gray'].shape[-1]}-px prototypes")
+    if select_channels(protos, channels).shape[1] != channels:
+        raise _field_error(mj, "proto_channels", f"is {channels} but prototypes.safetensors does not hold "
+                           f"{channels}-channel prototypes")
+    lm = protos["landmarks"]
+    if warp and (tuple(lm.shape) != (2, 5, 2) or not torch.isfinite(lm).all() or lm.min() < 0 or lm.max() > r):
+        raise _field_error(mj, "params.prototypes.warp", "is true but prototypes.safetensors holds no 5-point "
+                           f"landmarks of both prototypes inside the {r}-px crop")
     aux_file = folder / "aux_G01.safetensors"
     aux = load_aux(aux_file, device) if "aux_G01.safetensors" in files else None
-    warp = bool(doc.get("params", {}).get("prototypes", {}).get("warp", False))
-    return FlowModel(doc["kind"], r, stages, protos, channels, warp, aux, doc, folder)
+    return FlowModel(kind, r, stages, protos, channels, warp, aux, doc, folder)

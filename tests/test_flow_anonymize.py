@@ -56,8 +56,9 @@ def test_anonymize_with_labels(model_dir, images, tmp_path):
     assert rep.loc["blank.png", "status"] == "failed" and rep.loc["blank.png", "reason"] == "no_face"
     assert rep.loc["Laura_Bush_0001.jpg", "gender"] == "0" and rep.loc["Colin_Powell_0001.jpg", "gender"] == "1"
     from PIL import Image
-    img = Image.open(out / "sub" / "Tony_Blair_0001.png")
+    img = Image.open(out / "sub" / "Tony_Blair_0001.jpg.png")
     assert img.size == (32, 32) and img.mode == "L"
+    assert rep.loc["sub/Tony_Blair_0001.jpg", "output"] == "sub/Tony_Blair_0001.jpg.png"
 
 
 def test_label_free_mode_uses_the_aux_classifier(model_dir, images, tmp_path):

@@ -34,6 +34,13 @@ DETECT_THRESHOLD = 0.0   # dlib HOG detector adjust_threshold
 PAD_FRACTION = 0.25      # zero border added (per side) in the fallback passes
 ALIGN_VERSION = 2        # bump when the recipe changes: it invalidates the crop cache
 PREDICTOR_FILE = "shape_predictor_5_face_landmarks.dat"
+# Longest side an image is shrunk to before detection when a caller passes max_side (anonymize does;
+# the data stage does not, so its chips and crop cache are unchanged). An 8000 x 8000 photo costs
+# ~3.8 GB through dlib's upsampled and padded passes; at 1280 px it costs ~0.1 GB. The landmarks and
+# the chip are taken from the same downscaled image: the chip is 150 px with the face ~100 px wide, so
+# any face at least ~8% of the longest side keeps every pixel the chip can hold, and only small faces
+# in huge group photos are cut from fewer pixels (upsample 1 still finds faces down to ~40 px).
+MAX_SIDE = 1280
 
 
 def detector_passes(upsample: int) -> list[tuple[bool, int]]:
@@ -69,10 +76,26 @@ def _to_rgb8(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # RGB, L, 1, CMYK, YCbCr, LAB, HSV
 
 
-def read_rgb(src) -> tuple[np.ndarray | None, dict]:
-    """Decode a path, bytes or array into uint8 RGB [H,W,3]; info holds mode and any failure."""
-    info = {"ok": False, "reason": "", "detail": "", "mode": ""}
+def downscale(img: Image.Image, max_side: int | None) -> tuple[Image.Image, float]:
+    """img with its longest side shrunk to max_side (antialiased; never enlarged) and the scale applied."""
+    longest = max(img.size)
+    if not max_side or longest <= max_side:
+        return img, 1.0
+    scale = max_side / longest
+    size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+    return img.resize(size, Image.BILINEAR, reducing_gap=3.0), scale
+
+
+def read_rgb(src, max_side: int | None = None) -> tuple[np.ndarray | None, dict]:
+    """Decode a path, bytes or array into uint8 RGB [H,W,3]; info holds mode and any failure.
+
+    max_side: shrink larger images to this longest side (JPEG decodes at a reduced DCT scale first,
+    so a huge photo never exists at full size); info["scale"] is the factor applied.
+    """
+    info = {"ok": False, "reason": "", "detail": "", "mode": "", "scale": 1.0}
     if isinstance(src, np.ndarray):
+        if max_side and max(src.shape[:2]) > max_side:
+            return read_rgb(Image.fromarray(src), max_side)
         return _array_to_rgb(src, info)
     if isinstance(src, Image.Image):
         img = src
@@ -86,11 +109,16 @@ def read_rgb(src) -> tuple[np.ndarray | None, dict]:
     info["mode"] = img.mode
     try:
         ImageFile.LOAD_TRUNCATED_IMAGES = False  # a cut file must fail, not get grey rows
+        longest = max(img.size)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # PIL warns on odd EXIF; the pixels are what matter
+            if max_side and longest > max_side and img.format == "JPEG":
+                img.draft("RGB", (img.width * max_side // longest, img.height * max_side // longest))
             img.load()
             img = ImageOps.exif_transpose(img)
-        rgb = np.asarray(_to_rgb8(img), dtype=np.uint8)
+        img, _ = downscale(_to_rgb8(img), max_side)
+        info["scale"] = max(img.size) / longest
+        rgb = np.asarray(img, dtype=np.uint8)
     except OSError as e:
         msg = str(e)
         reason = "truncated" if "truncated" in msg or "broken data stream" in msg else "unreadable"
@@ -184,15 +212,24 @@ def detect_align(rgb: np.ndarray, upsample: int = 1) -> tuple[np.ndarray | None,
     return np.ascontiguousarray(chip, dtype=np.uint8), chip_landmarks(pts, details), info
 
 
-def align_image(src, upsample: int = 1) -> tuple[np.ndarray | None, np.ndarray | None, dict]:
-    """Path, bytes, PIL image or array -> (chip150 RGB uint8 | None, landmarks5 [5,2] in chip px | None, info)."""
+def align_image(src, upsample: int = 1, max_side: int | None = None
+                ) -> tuple[np.ndarray | None, np.ndarray | None, dict]:
+    """Path, bytes, PIL image or array -> (chip150 RGB uint8 | None, landmarks5 [5,2] in chip px | None, info).
+
+    max_side: detect and align on the image shrunk to this longest side (see MAX_SIDE); info["size"]
+    is then the detected image's size, info["scale"] the factor, and rect / landmarks_image are
+    mapped back to the original image's pixels.
+    """
     t0, c0 = time.perf_counter(), time.process_time()
-    rgb, info = read_rgb(src)
+    rgb, info = read_rgb(src, max_side)
     chip = lm = None
     if rgb is not None:
         chip, lm, det = detect_align(rgb, upsample)
         info.update(det)
         info["size"] = [int(rgb.shape[1]), int(rgb.shape[0])]
+        if chip is not None and info["scale"] != 1.0:
+            info["rect"] = [round(v / info["scale"]) for v in info["rect"]]
+            info["landmarks_image"] = (info["landmarks_image"] / info["scale"]).astype(np.float32)
     info["seconds"], info["cpu_seconds"] = time.perf_counter() - t0, time.process_time() - c0
     return chip, lm, info
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -15,9 +16,14 @@ def _overrides(pairs: list[str]) -> dict:
     out = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
-        if not sep:
-            raise config.ParamError(f"--set {pair!r}: expected KEY=VALUE")
-        out[key] = yaml.safe_load(value)
+        if not sep or not key.strip():
+            raise config.ParamError(f"--set {pair!r}: expected KEY=VALUE, e.g. --set san.epochs=2")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            problem = str(e).splitlines()[0]
+            raise config.ParamError(f"--set {pair!r}: the value is not valid YAML ({problem}); "
+                                    "quote strings, write lists as [a, b]") from None
     return out
 
 
@@ -31,11 +37,9 @@ def cmd_run(a) -> int:
 
 
 def cmd_report(a) -> int:
-    from . import pipeline, report
-    run_dir = Path(a.run)
-    if not run_dir.exists():
-        run_dir = pipeline.OUTPUT_DIR / a.run
-    print(report.build_report(run_dir))
+    from . import report
+    from .stage_setup import run_folder
+    print(report.build_report(run_folder(a.run)))
     return 0
 
 
@@ -112,15 +116,38 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _console_log() -> None:
+    """Run progress on stderr, one line per event (the run log gets the same lines with dates)."""
+    logger = logging.getLogger("flowsan")
+    if not logger.handlers:
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", "%H:%M:%S"))
+        logger.addHandler(h)
+        logger.setLevel(logging.INFO)
+
+
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
+    _console_log()
     from .models.fetch import FetchError
-    from .pipeline import RunError
+    from .pipeline import RunError, RunInterrupted
     try:
         return args.func(args)
-    except (ValueError, RunError, FetchError, FileNotFoundError) as e:  # ParamError, ModelError, AnonymizeError are ValueErrors
-        print(f"flowsan: error: {e}", file=sys.stderr)
+    except (KeyboardInterrupt, RunInterrupted):
+        print("flowsan: interrupted (Ctrl-C); finished work is kept, re-run the same command to resume",
+              file=sys.stderr)
+        return 130
+    # ParamError, ModelError, AnonymizeError, IntegrityError, LayoutError are ValueErrors
+    except (ValueError, RunError, FetchError, OSError) as e:
+        print(f"flowsan: error: {_one_line(e)}", file=sys.stderr)
         return 2
+
+
+def _one_line(e: BaseException) -> str:
+    """An OSError names its file; others carry their own message."""
+    if isinstance(e, OSError) and e.filename:
+        return f"{e.strerror or e}: {e.filename}"
+    return str(e)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,11 @@ from typing import Literal
 import yaml
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "params"
+
+
+# Names of the pretrained networks (their loaders: models.interfaces); checked here before any work.
+GenderClassifierName = Literal["faceapi_gender", "cydral_gender", "hse_gender", "ssrnet_gender"]
+MatcherName = Literal["faceapi", "hse", "dlib"]
 
 
 class ParamError(ValueError):
@@ -87,7 +93,7 @@ class SanParams:
     w_gender: float = 1.0           # lambda_3
     gender_target: Literal["flip", "uniform"] = "flip"  # J_G target for I'_op: 1-y (paper) or 0.5 (undecided)
     match_warmup_epochs: int = 0    # epochs without J_M at the start of each stage
-    matcher: str = "faceapi"        # auxiliary matcher M
+    matcher: MatcherName = "faceapi"  # auxiliary matcher M
     init_from_ensemble: bool = False  # start each FlowSAN stage from the matching ensemble SAN
     train_ensemble: bool = True     # also train the independent ensemble baseline
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16 pays off on GPUs, not on this CPU
@@ -107,8 +113,8 @@ class SanParams:
 
 @dataclass
 class EvalParams:
-    classifiers: list[str] = field(default_factory=lambda: ["faceapi_gender", "cydral_gender", "hse_gender", "ssrnet_gender"])
-    matchers: list[str] = field(default_factory=lambda: ["faceapi", "hse", "dlib"])
+    classifiers: list[GenderClassifierName] = field(default_factory=lambda: ["faceapi_gender", "cydral_gender", "hse_gender", "ssrnet_gender"])
+    matchers: list[MatcherName] = field(default_factory=lambda: ["faceapi", "hse", "dlib"])
     inhouse_epochs: int = 3         # epochs of the in-house unseen CNNs
     classical: bool = True          # also score HOG/LBP/PCA scikit-learn classifiers
     n_bootstrap: int = 200          # bootstrap resamples for 95% CIs
@@ -133,12 +139,19 @@ class RunParams:
     evaluate: EvalParams = field(default_factory=EvalParams)
 
     def check(self):
+        _need(0 <= self.seed < 2**32, "seed", f"must be in [0, 2**32) (got {self.seed})")
         _need(self.threads >= 0, "threads", "must be >= 0")
+        _need(self.aux.n_classifiers >= self.san.n_stages, "aux.n_classifiers",
+              f"must be >= san.n_stages ({self.san.n_stages}): each SAN stage needs its own G_i "
+              f"(got {self.aux.n_classifiers})")
         _need(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "device",
               "must be auto, cpu, cuda or cuda:N")
 
 
 # --- validation -------------------------------------------------------------------------------
+
+_FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
 
 class _Fail(Exception):
     def __init__(self, key, msg):
@@ -175,8 +188,12 @@ def _coerce(value, tp, key):
             raise _Fail(key, f"must be an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):
+            value = float(value)                 # YAML 1.1 reads 1e-4 (no dot) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise _Fail(key, f"must be a number, got {value!r}")
+        if value != value or value in (float("inf"), float("-inf")):
+            raise _Fail(key, f"must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -215,7 +232,11 @@ def preset_path(name_or_path: str | os.PathLike) -> Path:
     if p.suffix in (".yaml", ".yml"):
         if not p.exists():
             raise ParamError(f"{p}: no such parameter file")
+        if not p.is_file():
+            raise ParamError(f"{p}: is a folder, not a parameter file; give a YAML file or a preset name")
         return p
+    if not str(name_or_path) or "/" in str(name_or_path) or str(name_or_path).startswith("."):
+        raise ParamError(f"preset {str(name_or_path)!r}: give a preset name in params/ or a .yaml file")
     p = PRESET_DIR / f"{name_or_path}.yaml"
     if not p.exists():
         names = sorted(q.stem for q in PRESET_DIR.glob("*.yaml"))
@@ -226,6 +247,8 @@ def preset_path(name_or_path: str | os.PathLike) -> Path:
 def _read_yaml(path: Path, seen=()) -> dict:
     try:
         raw = yaml.safe_load(path.read_text()) or {}
+    except UnicodeDecodeError:
+        raise ParamError(f"{path}: not a text file") from None
     except yaml.YAMLError as e:
         raise ParamError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(raw, dict):

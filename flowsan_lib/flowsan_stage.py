@@ -90,25 +90,27 @@ def load_aux_classifiers(aux_dir: Path, n: int, device="cpu") -> list[AuxGenderC
     if len(found) < n:
         raise ValueError(f"{aux_dir} holds {len(found)} auxiliary classifiers but san.n_stages = {n}: "
                          f"set aux.n_classifiers >= {n} and re-run 03_aux_classifiers")
-    return [load_aux(aux_dir / f"aux{i:02d}.safetensors", device) for i in range(1, n + 1)]
+    return [load_aux(Path(aux_dir) / f"aux{i:02d}.safetensors", device) for i in range(1, n + 1)]
 
 
-def run_flowsan_stage(P, run_dir, stage_dir, extra_cbs=None) -> dict:
-    """Train the ensemble and FlowSAN (resuming), save both model folders, test outputs and metrics."""
+def run_flowsan_stage(P, *, faces: Path, prototypes: Path, aux: Path, out: Path, extra_cbs=None) -> dict:
+    """Train the ensemble and FlowSAN (resuming), save both model folders, test outputs and metrics.
+
+    faces: the 01_data folder; prototypes: 02's prototypes.safetensors; aux: the 03 folder; out: where to write.
+    """
     from .data import load_faces
     from .models.interfaces import load_matcher
-    from .pipeline import stage_path
     t_start = time.time()
-    stage_dir = Path(stage_dir)
+    stage_dir = Path(out)
     sp, device = P.san, pick_device(P.device)
-    fs = load_faces(run_dir)
+    fs = load_faces(faces)
     r = fs.resolution
-    protos_file = stage_path(run_dir, "02_prototypes") / "prototypes.safetensors"
+    protos_file = Path(prototypes)
     protos = load_prototypes(protos_file)
     if protos["gray"].shape[-1] != r:
         raise ModelError(f"{protos_file} holds {protos['gray'].shape[-1]}-px prototypes but the faces are {r} px: "
                          "re-run 02_prototypes")
-    aux = load_aux_classifiers(stage_path(run_dir, "03_aux_classifiers"), sp.n_stages)
+    aux = load_aux_classifiers(aux, sp.n_stages)
     for g in aux:
         if g.resolution != r:
             raise ModelError(f"auxiliary classifier {g.name} was trained at {g.resolution} px, faces are {r} px")

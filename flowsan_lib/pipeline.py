@@ -1,88 +1,45 @@
-"""Stage graph, papermill execution, resume, run folders.
+"""The runner: papermill execution of the stage notebooks, resume, locking, integrity.
 
-A run is one folder `outputs/<run>/` holding the resolved `params.yaml`, one folder per stage, the
-executed notebooks, logs and the report. A stage is skipped when its fingerprint (its parameter
-sections, its notebook and the fingerprints of the stages it reads) matches the one recorded when it
-last finished. A stage writes into `<stage>.partial/`, renamed to `<stage>/` only on success, so a
-failure never damages finished outputs and an interrupted stage can resume from its checkpoints.
+Where things live is `layout`'s business. A stage is skipped only when its fingerprint matches the one
+recorded when it last finished AND every file it wrote still has the hash recorded then. The
+fingerprint covers its parameter sections, its notebook, the library code its notebook imports (the
+whole import closure inside flowsan_lib) and the fingerprints of the stages it reads. A stage writes
+into `<stage>.partial/` and is promoted by renames only after its marker is written there, so a
+failure or a kill never damages finished outputs and an interrupted stage resumes from its checkpoints.
+One `flowsan run` at a time per run folder (an advisory lock); `params.yaml` and a stage's executed
+notebook are replaced only when what they describe has succeeded.
 """
 from __future__ import annotations
 
+import ast
+import fcntl
 import hashlib
 import json
+import logging
 import os
-import random
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
 from . import config
+from .integrity import atomic_write_text, hash_tree, tree_problems
+from .layout import MARKER, NOTEBOOK_DIR, PROJECT_ROOT, STAGES, RunLayout, Stage
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-NOTEBOOK_DIR = PROJECT_ROOT / "notebooks"
-OUTPUT_DIR = Path(os.environ.get("FLOWSAN_OUTPUTS", PROJECT_ROOT / "outputs"))
-MARKER = ".stage.json"
-
-
-@dataclass(frozen=True)
-class Stage:
-    """One notebook of the pipeline and what it depends on."""
-    name: str                          # also the notebook file stem and the stage folder name
-    sections: tuple[str, ...]          # parameter sections whose values change its result
-    needs: tuple[str, ...] = ()        # stages whose outputs it reads
-    outputs: tuple[str, ...] = ("metrics.json",)  # files it must leave in its folder
-    uses_models: bool = False          # needs the pretrained weights fetched up front
-
-
-STAGES: tuple[Stage, ...] = (
-    Stage("01_data", ("data",), (), ("metrics.json", "faces.npz", "faces.csv"), uses_models=True),
-    Stage("02_prototypes", ("prototypes",), ("01_data",)),
-    Stage("03_aux_classifiers", ("aux",), ("01_data",)),
-    Stage("04_flowsan", ("san",), ("01_data", "02_prototypes", "03_aux_classifiers"), uses_models=True),
-    Stage("05_evaluate", ("evaluate",), ("01_data", "04_flowsan"), uses_models=True),
-    Stage("06_explore", (), ("05_evaluate",)),
-)
-
+log = logging.getLogger("flowsan.run")
 GLOBAL_KEYS = ("seed",)  # top-level params that change every stage's result
+LIBRARY = PROJECT_ROOT / "flowsan_lib"
 
 
 class RunError(RuntimeError):
     """The run cannot start or a stage failed; the message says which and where."""
 
 
-# --- helpers used inside notebooks -----------------------------------------------------------
-
-def resolve(path: str | os.PathLike) -> Path:
-    """Relative paths are relative to the project root, wherever the notebook runs."""
-    p = Path(path)
-    return p if p.is_absolute() else PROJECT_ROOT / p
-
-
-def stage_path(run_dir: str | os.PathLike, stage: str) -> Path:
-    """Folder of a finished stage of a run."""
-    return resolve(run_dir) / stage
-
-
-def notebook_setup(preset: str, run_dir: str, overrides: dict | None, stage: str):
-    """Validate the parameters, seed everything, and return (params, folder to write into)."""
-    params = config.load(resolve(preset) if str(preset).endswith((".yaml", ".yml")) else preset, overrides)
-    seed_everything(params.seed, params.threads)
-    root = resolve(run_dir)
-    partial = root / f"{stage}.partial"
-    out = partial if partial.exists() else root / stage
-    out.mkdir(parents=True, exist_ok=True)
-    return params, out
-
-
-def seed_everything(seed: int, threads: int = 0) -> None:
-    import numpy as np
-    import torch
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    if threads:
-        torch.set_num_threads(threads)
+class RunInterrupted(RunError):
+    """Ctrl-C: the stage in progress was stopped; finished stages are intact."""
 
 
 # --- fingerprints and markers ----------------------------------------------------------------
@@ -92,23 +49,98 @@ def _digest(obj) -> str:
 
 
 def read_marker(run_dir: Path, stage: str) -> dict | None:
-    p = run_dir / stage / MARKER
-    return json.loads(p.read_text()) if p.exists() else None
+    p = RunLayout(Path(run_dir)).marker(stage)
+    try:
+        return json.loads(p.read_text()) if p.exists() else None
+    except json.JSONDecodeError:
+        return None                                   # a damaged marker means: not finished
 
 
-def fingerprint(stage: Stage, params: config.RunParams, run_dir: Path, notebook_dir: Path) -> str:
-    """What a stage's result depends on: its params, its notebook, and its inputs' fingerprints."""
+def _module_file(name: str) -> Path | None:
+    """Source file of a flowsan_lib module name, if it is one."""
+    parts = name.split(".")
+    if parts[0] != "flowsan_lib":
+        return None
+    base = LIBRARY.joinpath(*parts[1:])
+    for p in (base.with_suffix(".py"), base / "__init__.py"):
+        if p.is_file():
+            return p
+    return None
+
+
+def _imports(tree: ast.AST, module: str, is_package: bool) -> set[str]:
+    """flowsan_lib module names a parsed file imports (at any depth, relative imports resolved)."""
+    found = set()
+    pkg = module if is_package else module.rpartition(".")[0]
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = pkg.split(".")[:len(pkg.split(".")) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            found.add(target)
+            found |= {f"{target}.{a.name}" for a in node.names}   # `from . import viz` names a module
+    return {m for m in found if m.startswith("flowsan_lib")}
+
+
+def code_closure(notebook: Path) -> list[Path]:
+    """Library files a notebook runs: the flowsan_lib modules it imports, transitively, with their packages."""
+    nb = json.loads(Path(notebook).read_text())
+    source = "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
+    lines = [ln for ln in source.splitlines() if not ln.lstrip().startswith(("%", "!"))]
+    todo = _imports(ast.parse("\n".join(lines)), "__main__", False)
+    seen: dict[str, Path] = {}
+    while todo:
+        name = todo.pop()
+        parts = name.split(".")
+        for i in range(1, len(parts) + 1):              # a module runs its packages' __init__ first
+            sub = ".".join(parts[:i])
+            path = _module_file(sub)
+            if path is None or sub in seen:
+                continue
+            seen[sub] = path
+            todo |= _imports(ast.parse(path.read_text()), sub, path.name == "__init__.py")
+    return sorted(set(seen.values()))
+
+
+def code_digest(notebook: Path) -> str:
+    """sha256 over the library files a notebook runs (path and content of each)."""
+    h = hashlib.sha256()
+    for p in code_closure(notebook):
+        h.update(p.relative_to(LIBRARY).as_posix().encode() + b"\0" + p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def fingerprint(stage: Stage, params: config.RunParams, run: RunLayout, notebook_dir: Path) -> str:
+    """What a stage's result depends on: params, notebook, library code, and its inputs (fingerprint and content)."""
     values = config.to_dict(params)
+    notebook = notebook_dir / f"{stage.name}.ipynb"
     upstream = {}
     for need in stage.needs:
-        marker = read_marker(run_dir, need)
-        upstream[need] = marker["fingerprint"] if marker else None
+        marker = read_marker(run.root, need)
+        # what it read: the upstream fingerprint AND the bytes it wrote (a rebuilt input that differs -> stale)
+        upstream[need] = _digest([marker["fingerprint"], marker.get("files")]) if marker else None
     return _digest({
         "params": {s: values[s] for s in stage.sections},
         "global": {k: values[k] for k in GLOBAL_KEYS},
-        "notebook": hashlib.sha256((notebook_dir / f"{stage.name}.ipynb").read_bytes()).hexdigest(),
+        "notebook": hashlib.sha256(notebook.read_bytes()).hexdigest(),
+        "code": code_digest(notebook),
         "upstream": upstream,
     })
+
+
+def stage_state(run: RunLayout, stage: Stage, fp: str) -> str:
+    """'current', or why the stage must run: 'never finished', 'changed inputs or code', or the damage."""
+    marker = read_marker(run.root, stage.name)
+    if marker is None:
+        return "never finished"
+    if marker.get("fingerprint") != fp:
+        return "parameters, code or inputs changed"
+    problems = tree_problems(run.stage_dir(stage.name), marker.get("files", {}))
+    return f"outputs damaged ({'; '.join(problems[:3])})" if problems else "current"
 
 
 # --- the runner ------------------------------------------------------------------------------
@@ -120,20 +152,6 @@ class RunResult:
     skipped: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
     report: Path | None = None
-
-
-class _Log:
-    """Prints and appends to the run log."""
-
-    def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path = path
-
-    def __call__(self, msg: str) -> None:
-        line = f"[{time.strftime('%H:%M:%S')}] {msg}"
-        print(line, flush=True)
-        with open(self.path, "a") as f:
-            f.write(line + "\n")
 
 
 def select_stages(stages, only=None, from_stage=None) -> tuple[list[Stage], set[str]]:
@@ -151,16 +169,58 @@ def select_stages(stages, only=None, from_stage=None) -> tuple[list[Stage], set[
     return list(stages), set()
 
 
-def prepare_run_dir(run_dir: Path, params: config.RunParams, force: bool) -> None:
-    """Create the run folder, refusing to overwrite a run made with other parameters."""
-    params_file = run_dir / "params.yaml"
-    if params_file.exists():
-        old = config.from_dict(__import__("yaml").safe_load(params_file.read_text()), str(params_file))
-        if config.to_dict(old) != config.to_dict(params) and not force:
-            raise RunError(f"{run_dir} already holds a run with other parameters; "
-                           "choose another --run-name, or pass --force to re-run changed stages")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config.dump(params, params_file)
+def check_params_change(run: RunLayout, params: config.RunParams, force: bool) -> None:
+    """Refuse to re-run an existing run with other parameters unless forced."""
+    if not run.params_file.exists():
+        return
+    try:
+        old = config.from_dict(yaml.safe_load(run.params_file.read_text()) or {}, str(run.params_file))
+    except (config.ParamError, yaml.YAMLError) as e:
+        raise RunError(f"{run.params_file} is damaged ({e}); pass --force to replace it") from None
+    if config.to_dict(old) != config.to_dict(params) and not force:
+        raise RunError(f"{run.root} already holds a run with other parameters; "
+                       "choose another --run-name, or pass --force to re-run changed stages")
+
+
+@contextmanager
+def run_lock(run: RunLayout):
+    """Hold the run folder's advisory lock; a second `flowsan run` into it is refused, not queued."""
+    run.root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+            raise RunError(f"run folder {run.root} is in use by another `flowsan run` (pid {holder}); "
+                           "wait for it to finish or choose another --run-name") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)                                   # closing releases the lock
+
+
+def recover_promotions(run: RunLayout, stages) -> None:
+    """Finish or undo a promotion that a kill interrupted between its two renames."""
+    for s in stages:
+        old, final, partial = run.old_dir(s.name), run.stage_dir(s.name), run.partial_dir(s.name)
+        if not old.exists():
+            continue
+        if not final.exists():
+            if (partial / MARKER).exists():
+                partial.rename(final)                  # the new stage had finished: complete its promotion
+            else:
+                old.rename(final)                      # put the finished stage back
+        if old.exists():
+            shutil.rmtree(old)
+
+
+def _file_handler(run: RunLayout) -> logging.Handler:
+    run.log_file.parent.mkdir(parents=True, exist_ok=True)
+    h = logging.FileHandler(run.log_file)
+    h.setFormatter(logging.Formatter("[%(asctime)s] %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    return h
 
 
 def run(preset: str, run_name: str | None = None, only=None, from_stage: str | None = None,
@@ -170,70 +230,127 @@ def run(preset: str, run_name: str | None = None, only=None, from_stage: str | N
     """Run the pipeline on a preset; skip up-to-date stages; build the report."""
     params = config.load(preset, overrides)          # rejects bad params before any work
     selected, forced = select_stages(stages, only, from_stage)
-    run_dir = Path(output_dir or OUTPUT_DIR) / (run_name or config.preset_path(preset).stem)
-    prepare_run_dir(run_dir, params, force)
-    log = _Log(run_dir / "logs" / "run.log")
-    log(f"run {run_dir.name}: preset {preset}, stages {', '.join(s.name for s in selected)}")
+    run_layout = RunLayout.named(run_name or config.preset_path(preset).stem, output_dir)
+    check_params_change(run_layout, params, force)
     if fetch_models and any(s.uses_models for s in selected):
-        from .models.fetch import fetch_all
-        fetch_all()
-    result = RunResult(run_dir)
+        from .models.fetch import check_cache
+        check_cache()                                 # by hash, without fetching: `flowsan models fetch` fetches
+    with run_lock(run_layout):
+        handler = _file_handler(run_layout)
+        log.addHandler(handler)
+        try:
+            return _run_locked(run_layout, params, selected, forced, notebook_dir, report, preset)
+        finally:
+            log.removeHandler(handler)
+            handler.close()
+
+
+def _run_locked(run: RunLayout, params, selected, forced, notebook_dir, report, preset) -> RunResult:
+    recover_promotions(run, selected)
+    attempt = run.attempt_params_file()
+    attempt.parent.mkdir(parents=True, exist_ok=True)
+    config.dump(params, attempt)
+    log.info("run %s: preset %s, stages %s", run.root.name, preset, ", ".join(s.name for s in selected))
+    result = RunResult(run.root)
     for stage in selected:
         for need in stage.needs:
-            if read_marker(run_dir, need) is None:
-                raise RunError(f"stage {stage.name} needs {need}, which has not finished in {run_dir}; run it first")
-        fp = fingerprint(stage, params, run_dir, notebook_dir)
-        marker = read_marker(run_dir, stage.name)
-        if stage.name not in forced and marker and marker["fingerprint"] == fp:
-            log(f"{stage.name}: up to date, skipped")
+            if read_marker(run.root, need) is None:
+                raise RunError(f"stage {stage.name} needs {need}, which has not finished in {run.root}; run it first")
+        fp = fingerprint(stage, params, run, notebook_dir)
+        state = "forced" if stage.name in forced else stage_state(run, stage, fp)
+        if state == "current":
+            log.info("%s: up to date, skipped", stage.name)
             result.skipped.append(stage.name)
             continue
-        result.seconds[stage.name] = execute_stage(stage, run_dir, notebook_dir, fp, log)
+        log.info("%s: running (%s)", stage.name, state)
+        result.seconds[stage.name] = execute_stage(stage, run, notebook_dir, fp)
         result.ran.append(stage.name)
+    attempt.replace(run.params_file)                  # params.yaml now describes every finished stage
     if report:
         from .report import build_report
-        result.report = build_report(run_dir)
-        log(f"report: {result.report}")
+        result.report = build_report(run.root)
+        log.info("report: %s", result.report.relative_to(run.root))
     return result
 
 
-def execute_stage(stage: Stage, run_dir: Path, notebook_dir: Path, fp: str, log) -> float:
+def execute_stage(stage: Stage, run: RunLayout, notebook_dir: Path, fp: str) -> float:
     """Execute one stage notebook into <stage>.partial and promote it on success."""
     import papermill as pm
 
-    partial = run_dir / f"{stage.name}.partial"
-    partial.mkdir(parents=True, exist_ok=True)    # kept from an interrupted attempt: resume from it
-    executed = run_dir / "notebooks" / f"{stage.name}.ipynb"
-    executed.parent.mkdir(exist_ok=True)
-    stage_log = run_dir / "logs" / f"{stage.name}.log"
-    log(f"{stage.name}: running (log: {stage_log.relative_to(run_dir)})")
+    partial = run.partial_dir(stage.name)
+    partial.mkdir(parents=True, exist_ok=True)       # kept from an interrupted attempt: resume from it
+    (partial / MARKER).unlink(missing_ok=True)
+    attempt_nb = run.executed_notebook(stage.name, "attempt")
+    attempt_nb.parent.mkdir(exist_ok=True)
+    stage_log = run.stage_log(stage.name)
+    inputs = {k: p.relative_to(run.root).as_posix() for k, p in run.input_paths(stage).items()}
     t0 = time.time()
     try:
-        with open(stage_log, "w") as out:
+        with open(stage_log, "w") as out, _kernel_env(run):
             pm.execute_notebook(
-                str(notebook_dir / f"{stage.name}.ipynb"), str(executed),
-                parameters={"preset": str(run_dir / "params.yaml"), "run_dir": str(run_dir), "overrides": {}},
+                str(notebook_dir / f"{stage.name}.ipynb"), str(attempt_nb),
+                parameters={"preset": run.attempt_params_file().relative_to(run.root).as_posix(),
+                            "run_dir": _injected_run_dir(run), "overrides": {},
+                            "inputs": inputs, "out_dir": partial.name},
                 cwd=str(PROJECT_ROOT), progress_bar=False, stdout_file=out, stderr_file=out,
                 kernel_name="python3")
+    except KeyboardInterrupt:
+        log.error("%s: interrupted (Ctrl-C) after %.0f s; finished stages are intact, "
+                  "re-run the same command to resume", stage.name, time.time() - t0)
+        _keep_failed(attempt_nb, run, stage)
+        raise RunInterrupted(f"interrupted in stage {stage.name}; re-run the same command to resume") from None
     except Exception as e:  # papermill raises PapermillExecutionError with the failing cell
         cell = getattr(e, "exec_count", None)
         what = f"{getattr(e, 'ename', type(e).__name__)}: {getattr(e, 'evalue', e)}"
-        log(f"{stage.name}: FAILED in cell {cell}: {what}")
-        log(f"{stage.name}: executed notebook with the error kept at {executed}")
-        raise RunError(f"stage {stage.name} failed in cell {cell} ({what}); see {executed}") from None
+        failed = _keep_failed(attempt_nb, run, stage)
+        log.error("%s: FAILED in cell %s: %s", stage.name, cell, what)
+        log.error("%s: executed notebook with the error kept at %s", stage.name, failed.relative_to(run.root))
+        raise RunError(f"stage {stage.name} failed in cell {cell} ({what}); see {failed}") from None
     missing = [o for o in stage.outputs if not (partial / o).exists()]
     if missing:
-        raise RunError(f"stage {stage.name} finished without writing {', '.join(missing)} in {partial}")
+        failed = _keep_failed(attempt_nb, run, stage)
+        raise RunError(f"stage {stage.name} finished without writing {', '.join(missing)} in {partial}; "
+                       f"see {failed}")
     seconds = time.time() - t0
-    _promote(partial, run_dir / stage.name)
-    (run_dir / stage.name / MARKER).write_text(json.dumps(
-        {"fingerprint": fp, "seconds": round(seconds, 1), "finished": time.strftime("%Y-%m-%d %H:%M:%S")}))
-    log(f"{stage.name}: done in {seconds:.1f} s")
+    atomic_write_text(partial / MARKER, json.dumps(
+        {"fingerprint": fp, "seconds": round(seconds, 1), "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+         "files": hash_tree(partial, skip=(MARKER,))}, indent=1))
+    _promote(partial, run.stage_dir(stage.name))
+    attempt_nb.replace(run.executed_notebook(stage.name))
+    run.executed_notebook(stage.name, "failed").unlink(missing_ok=True)
+    log.info("%s: done in %.1f s", stage.name, seconds)
     return seconds
 
 
+def _keep_failed(attempt_nb: Path, run: RunLayout, stage: Stage) -> Path:
+    """The failed attempt's notebook beside (not over) the finished stage's one."""
+    failed = run.executed_notebook(stage.name, "failed")
+    if attempt_nb.exists():
+        attempt_nb.replace(failed)
+    return failed
+
+
+def _injected_run_dir(run: RunLayout) -> str:
+    """The run's name when it lives under the outputs root the kernel sees (no machine path in reports)."""
+    return run.root.name
+
+
+@contextmanager
+def _kernel_env(run: RunLayout):
+    """The kernel inherits FLOWSAN_OUTPUTS pointing at this run's parent, so the run name suffices."""
+    old = os.environ.get("FLOWSAN_OUTPUTS")
+    os.environ["FLOWSAN_OUTPUTS"] = str(run.root.parent)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("FLOWSAN_OUTPUTS", None)
+        else:
+            os.environ["FLOWSAN_OUTPUTS"] = old
+
+
 def _promote(partial: Path, final: Path) -> None:
-    """Replace the old stage folder by the new one, never leaving neither."""
+    """Replace the old stage folder by the new one (recover_promotions repairs a kill in between)."""
     old = final.with_name(final.name + ".old")
     if old.exists():
         shutil.rmtree(old)

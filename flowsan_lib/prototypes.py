@@ -197,12 +197,12 @@ def save_png(img: np.ndarray, path: Path) -> None:
     Image.fromarray(img).save(path)
 
 
-def run_prototypes_stage(P, run_dir, stage_dir) -> dict:
-    """Mean faces of the training split -> prototypes.safetensors, prototypes.png, metrics.json."""
+def run_prototypes_stage(P, *, faces: Path, out: Path) -> dict:
+    """Mean faces of the training split (faces: the 01_data folder) -> prototypes.safetensors, .png, metrics.json."""
     from .data import load_faces
-    stage_dir = Path(stage_dir)
+    stage_dir = Path(out)
     t0 = time.time()
-    fs = load_faces(run_dir)
+    fs = load_faces(faces)
     train = (fs.table["split"] == "train").to_numpy()
     g = fs.table["gender"].to_numpy()
     labelled = train & (g >= 0)

@@ -9,7 +9,8 @@ from pathlib import Path
 import nbformat
 import yaml
 
-RUN_FOLDERS = {"notebooks", "logs", "report"}
+from .layout import RUN_FOLDERS
+
 WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
 SCRIPT_RE = re.compile(r"<script\b[^>]*>.*?</script>", re.S | re.I)
 EXTERNAL_RE = re.compile(r"""<(?:script|link|img|iframe|source|embed)\b[^>]*\b(?:src|href)\s*=\s*["']?(?:https?:)?//""", re.I)
@@ -76,7 +77,8 @@ def _fmt(v) -> str:
 
 def stage_dirs(run_dir: Path) -> list[Path]:
     """Stage folders of a run, finished or not, in stage order."""
-    return sorted(p for p in run_dir.iterdir() if p.is_dir() and p.name not in RUN_FOLDERS)
+    return sorted(p for p in run_dir.iterdir()
+                  if p.is_dir() and p.name not in RUN_FOLDERS and not p.name.startswith(".") and p.suffix != ".old")
 
 
 def index_page(run_dir: Path, pages: dict[str, Path]) -> str:
@@ -113,7 +115,7 @@ def build_report(run_dir: str | Path) -> Path:
     out = run_dir / "report"
     out.mkdir(exist_ok=True)
     pages = {nb.stem: notebook_to_html(nb, out / f"{nb.stem}.html")
-             for nb in sorted((run_dir / "notebooks").glob("*.ipynb"))}
+             for nb in sorted((run_dir / "notebooks").glob("*.ipynb")) if not nb.stem.endswith(".attempt")}
     index = out / "index.html"
     index.write_text(index_page(run_dir, pages))
     return index

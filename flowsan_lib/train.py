@@ -429,8 +429,8 @@ def disagreement(p: np.ndarray) -> dict:
             for i in range(len(p)) for j in range(i + 1, len(p))}
 
 
-def run_aux_stage(P, run_dir, stage_dir) -> dict:
-    """n race-resampled auxiliary gender CNNs -> auxNN.safetensors, history CSVs, metrics.json."""
+def run_aux_stage(P, *, faces: Path, out: Path) -> dict:
+    """n race-resampled auxiliary gender CNNs (faces: the 01_data folder) -> auxNN.safetensors, history, metrics.json."""
     import dataclasses
 
     from .data import load_faces
@@ -438,8 +438,8 @@ def run_aux_stage(P, run_dir, stage_dir) -> dict:
     from .models.aux_cnn import AuxGenderCNN, load_aux, save_aux
     from .resample import resampled_sets
     t_start = time.time()
-    stage_dir, ap, device = Path(stage_dir), P.aux, pick_device(P.device)
-    fs = load_faces(run_dir)
+    stage_dir, ap, device = Path(out), P.aux, pick_device(P.device)
+    fs = load_faces(faces)
     tab = fs.table
     y = tab["gender"].to_numpy()
     rows = {s: np.flatnonzero((tab["split"].to_numpy() == s) & (y >= 0)) for s in ("train", "val", "test")}

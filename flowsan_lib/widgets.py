@@ -47,13 +47,6 @@ class Explorer:
             scores = {k: z[k] for k in z.files}
         return cls(scores, load_sequences(sequences_npz))
 
-    @classmethod
-    def from_run(cls, run_dir) -> "Explorer":
-        """The explorer of a finished run (its 05_evaluate and 04_flowsan folders)."""
-        from .pipeline import stage_path
-        return cls.from_files(stage_path(run_dir, "05_evaluate") / "scores.npz",
-                              stage_path(run_dir, "04_flowsan") / "outputs_test.npz")
-
     # --- lookups ----------------------------------------------------------------------------
 
     def _m(self, method: str) -> int:
@@ -199,11 +192,11 @@ class Explorer:
             display(self.widget())
 
 
-def run_explore_stage(run_dir, stage_dir, seed: int = 0) -> Explorer:
-    """Build the explorer of a run; save its static grid and a metrics.json in the stage folder."""
+def run_explore_stage(*, scores: Path, test_outputs: Path, out: Path, seed: int = 0) -> Explorer:
+    """Build the explorer (05's scores.npz, 04's outputs_test.npz); save its static grid and metrics.json in out."""
     import json
-    ex = Explorer.from_run(run_dir)
-    stage_dir = Path(stage_dir)
+    ex = Explorer.from_files(scores, test_outputs)
+    stage_dir = Path(out)
     ex.static_grid(seed=seed).save(stage_dir / "explorer_grid.png")
     (stage_dir / "metrics.json").write_text(json.dumps({
         "n_test_images": int(len(ex.is_male)), "n_stages": ex.n, "methods": ",".join(ex.methods),

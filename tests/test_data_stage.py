@@ -52,7 +52,7 @@ def test_artifacts_follow_the_contract(sample_run):
 
 def test_crops_are_the_gray_chip_resized(sample_run):
     """gray = PIL convert("L") of the dlib chip, bilinear to R; landmarks land on the eyes and nose."""
-    fs = load_faces(sample_run)
+    fs = load_faces(sample_run / "01_data")
     for i in (0, len(fs) - 1):
         chip, lm150, _ = align_image(fs.table.path[i])
         expect = np.asarray(Image.fromarray(chip).convert("L").resize((48, 48), Image.BILINEAR))
@@ -65,7 +65,7 @@ def test_crops_are_the_gray_chip_resized(sample_run):
 
 
 def test_faceset_api(sample_run):
-    fs = load_faces(sample_run)
+    fs = load_faces(sample_run / "01_data")
     assert isinstance(fs, FaceSet) and fs.resolution == 48
     test = fs.split("test")
     assert len(test) == (fs.table.split == "test").sum() and set(test.table.split) == {"test"}
@@ -91,7 +91,7 @@ def test_rerun_is_identical_and_uses_the_cache(sample_run, tmp_path):
     assert m["align"]["aligned_now"] == 0 and m["align"]["from_cache"] == 228
     for f in ("faces.csv", "failures.csv"):
         assert (tmp_path / "01_data" / f).read_bytes() == (sample_run / "01_data" / f).read_bytes()
-    a, b = load_faces(tmp_path), load_faces(sample_run)
+    a, b = load_faces(tmp_path / "01_data"), load_faces(sample_run / "01_data")
     assert np.array_equal(a.gray, b.gray) and np.array_equal(a.landmarks, b.landmarks)
 
 
@@ -126,7 +126,7 @@ def test_celeba_stage_splits_by_identity(tmp_path):
     P = config.load("smoke", {"data.sources": ["celeba"], "data.data_root": str(tmp_path / "data"),
                               "data.cache_dir": str(tmp_path / "cache"), "data.resolution": 32})
     m = run_data_stage(P, tmp_path / "01_data")
-    fs = load_faces(tmp_path)
+    fs = load_faces(tmp_path / "01_data")
     assert m["per_source"]["celeba"]["missing_file"] == 1 and m["per_source"]["celeba"]["unlabeled"] == 1
     assert fs.table.identity.str.startswith("celeba_").all() and is_subject_disjoint(fs.table)
     assert fs.table.groupby("identity").split.nunique().max() == 1 and fs.table.split.nunique() >= 2
@@ -135,13 +135,13 @@ def test_celeba_stage_splits_by_identity(tmp_path):
 def test_notebook_summaries(sample_run):
     from flowsan_lib.data import load_failures, summary
     m = json.loads((sample_run / "01_data" / "metrics.json").read_text())
-    fs = load_faces(sample_run)
+    fs = load_faces(sample_run / "01_data")
     counts = summary.counts_table(m)
     assert counts.loc["utkface", "faces"] == (fs.table.source == "utkface").sum()
     assert (counts[["train", "val", "test"]].sum(axis=1) == counts.faces).all()
     bal = summary.balance_table(fs)
     assert bal.images.sum() == len(fs) and bal.loc[("utkface", "train"), "White_%"] == 20.0
-    fails = load_failures(sample_run)
+    fails = load_failures(sample_run / "01_data")
     assert summary.failure_summary(fails).files.sum() == len(fails)
     grid = summary.face_grid(fs, per_gender=4, seed=0)
     assert grid.size[1] > 4 * 60                                  # 4 rows: 2 sources x 2 genders

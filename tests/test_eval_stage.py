@@ -17,6 +17,7 @@ import torch
 from flowsan_lib import config
 from flowsan_lib.evaluate import metrics as M
 from flowsan_lib.evaluate import stage
+from flowsan_lib.layout import RunLayout, stage_named
 
 R = 64
 N_STAGES = 2
@@ -85,7 +86,8 @@ def evaluated(tmp_path_factory, shared_dir):
     n_threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        metrics = stage.run_evaluate_stage(P, root, out, log=lambda *a: None)
+        metrics = stage.run_evaluate_stage(P, out=out, log=lambda *a: None,
+                                           **RunLayout(root).input_paths(stage_named("05_evaluate")))
     except FetchError as e:
         pytest.skip(f"pretrained weights not fetched: {e}")
     finally:

@@ -20,6 +20,7 @@ import torch
 
 from flowsan_lib import config
 from flowsan_lib.evaluate import stage
+from flowsan_lib.layout import RunLayout, stage_named
 from tests.browser import CHROMIUM, FLAGS, require_chromium
 from tests.test_eval_stage import N_STAGES
 
@@ -51,7 +52,8 @@ def explorer_run(tmp_path_factory, shared_dir):
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        stage.run_evaluate_stage(P, root, root / "05_evaluate", log=lambda *a: None)
+        stage.run_evaluate_stage(P, out=root / "05_evaluate", log=lambda *a: None,
+                                 **RunLayout(root).input_paths(stage_named("05_evaluate")))
     except FetchError as e:
         pytest.skip(f"pretrained weights not fetched: {e}")
     finally:
@@ -68,7 +70,8 @@ def lab(tmp_path_factory, explorer_run):
     work = tmp_path_factory.mktemp("lab")
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(
         "from flowsan_lib.widgets import Explorer\n"
-        f"ex = Explorer.from_run({str(explorer_run)!r})\n"
+        f"ex = Explorer.from_files({str(explorer_run / '05_evaluate' / 'scores.npz')!r}, "
+        f"{str(explorer_run / '04_flowsan' / 'outputs_test.npz')!r})\n"
         "ex.show(report=False)")])
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nbformat.write(nb, work / "explore.ipynb")

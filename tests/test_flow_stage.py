@@ -10,6 +10,7 @@ import torch
 
 from flowsan_lib import config
 from flowsan_lib.flowsan_stage import run_flowsan_stage
+from flowsan_lib.layout import RunLayout, stage_named
 from flowsan_lib.methods import load_test_outputs, to_uint8
 from flowsan_lib.modelio import load_model
 from flowsan_lib.prototypes import run_prototypes_stage
@@ -32,6 +33,11 @@ def run_dir(tiny_faces, tmp_path_factory, faceapi_matcher):
     return d
 
 
+def _inputs(run_dir, stage):
+    """The paths the runner would inject into a stage of this run folder."""
+    return RunLayout(run_dir).input_paths(stage_named(stage))
+
+
 def test_stages_02_to_04(run_dir, tiny_faces):
     torch.set_num_threads(1)
     P = config.from_dict({"seed": 5, "data": {"resolution": 32},
@@ -40,11 +46,11 @@ def test_stages_02_to_04(run_dir, tiny_faces):
                           "san": {"n_stages": 2, "epochs": 1, "batch_size": 4, "width": 0.25, "precision": "fp32"}})
     for name in ("02_prototypes", "03_aux_classifiers", "04_flowsan"):
         (run_dir / name).mkdir(exist_ok=True)
-    m2 = run_prototypes_stage(P, run_dir, run_dir / "02_prototypes")
+    m2 = run_prototypes_stage(P, out=run_dir / "02_prototypes", **_inputs(run_dir, "02_prototypes"))
     assert (m2["n_female"], m2["n_male"]) == (2, 2)
-    m3 = run_aux_stage(P, run_dir, run_dir / "03_aux_classifiers")
+    m3 = run_aux_stage(P, out=run_dir / "03_aux_classifiers", **_inputs(run_dir, "03_aux_classifiers"))
     assert set(m3["val_auc"]) == {"G01", "G02"} and m3["resampling"]["race"] is None
-    m4 = run_flowsan_stage(P, run_dir, run_dir / "04_flowsan")
+    m4 = run_flowsan_stage(P, out=run_dir / "04_flowsan", **_inputs(run_dir, "04_flowsan"))
     out = run_dir / "04_flowsan"
     assert json.loads((out / "metrics.json").read_text())["n_test"] == 2 == m4["n_test"]
     assert len(m4["aux_auc"]["G01"]["flowsan"]) == 2 and len(m4["matcher"]["tmr_flowsan"]) == 2
@@ -63,5 +69,5 @@ def test_stages_02_to_04(run_dir, tiny_faces):
     assert all((to_uint8(s) == d["flowsan"][t]).all() for t, s in enumerate(seq))
     assert load_model(out / "ensemble").kind == "ensemble"
     # a second call finds every stage finished and trains nothing
-    again = run_flowsan_stage(P, run_dir, out)
+    again = run_flowsan_stage(P, out=out, **_inputs(run_dir, "04_flowsan"))
     assert all(s.get("loaded") or s.get("shared_with") for s in again["flowsan_stages"])

@@ -1,34 +1,41 @@
-"""The runner: resume, failures that keep earlier outputs, refusal to overwrite, offline reports.
+"""The runner: resume, failures that keep earlier outputs, refusal to overwrite, integrity, locking.
 
 Runs small real notebooks through papermill with a toy stage graph; the real stage graph is
-exercised by tests/test_smoke_run.py.
+exercised by tests/test_smoke_run.py and tests/test_run_faults.py.
 """
 import json
+import threading
 
 import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_notebook
 
 from flowsan_lib import config, pipeline, report
+from flowsan_lib.layout import Input, RunLayout, Stage
 
-PARAMS_CELL = 'preset = "smoke"\nrun_dir = "outputs/interactive"\noverrides = {}\n'
+PARAMS_CELL = 'preset = "smoke"\nrun_dir = "interactive"\noverrides = {}\ninputs = {}\nout_dir = ""\n'
 
 
 def _notebook(path, body):
-    setup = f"from flowsan_lib import pipeline\nP, stage_dir = pipeline.notebook_setup(preset, run_dir, overrides, stage={path.stem!r})\n"
+    setup = ("from flowsan_lib.stage_setup import setup_stage\n"
+             f"P, io = setup_stage(preset, run_dir, overrides, {path.stem!r}, inputs, out_dir)\n")
     cells = [new_code_cell(PARAMS_CELL, metadata={"tags": ["parameters"]}), new_code_cell(setup), new_code_cell(body)]
     nbformat.write(new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}}), path)
 
 
 WRITE_A = """import json, time
-(stage_dir / "metrics.json").write_text(json.dumps({"resolution": P.data.resolution, "stamp": time.time()}))
-print("stage a wrote", stage_dir)
+(io.out / "metrics.json").write_text(json.dumps({"resolution": P.data.resolution, "stamp": time.time()}))
+print("stage a wrote", io.out.name)
 """
 READ_A = """import json
-a = json.loads((pipeline.stage_path(run_dir, "a") / "metrics.json").read_text())
-(stage_dir / "metrics.json").write_text(json.dumps({"from_a": a["resolution"], "epochs": P.aux.epochs}))
+a = json.loads((io.inputs["a_metrics"]).read_text())
+(io.out / "metrics.json").write_text(json.dumps({"from_a": a["resolution"], "epochs": P.aux.epochs}))
 """
 BOOM = """raise ValueError("boom in stage c")
+"""
+SLOW = """import json, time
+time.sleep(8)
+(io.out / "metrics.json").write_text(json.dumps({"slept": 8}))
 """
 
 
@@ -39,8 +46,8 @@ def toy(tmp_path):
     _notebook(nb_dir / "a.ipynb", WRITE_A)
     _notebook(nb_dir / "b.ipynb", READ_A)
     _notebook(nb_dir / "c.ipynb", BOOM)
-    stages = (pipeline.Stage("a", ("data",)), pipeline.Stage("b", ("aux",), ("a",)),
-              pipeline.Stage("c", ("san",), ("b",)))
+    stages = (Stage("a", ("data",)), Stage("b", ("aux",), {"a_metrics": Input("a", "metrics.json")}),
+              Stage("c", ("san",), {"b": Input("b")}))
     out = tmp_path / "outputs"
 
     def run(**kw):
@@ -68,6 +75,15 @@ def test_runs_resumes_and_reruns_changed_stages(toy):
     assert fourth.ran == ["a", "b"]
 
 
+def test_injected_paths_are_relative(toy):
+    run, run_dir, _ = toy
+    run()
+    nb = nbformat.read(run_dir / "notebooks" / "b.ipynb", as_version=4)
+    injected = next(c.source for c in nb.cells if "injected-parameters" in c.metadata.get("tags", []))
+    assert str(run_dir) not in injected and str(run_dir.parent) not in injected
+    assert 'inputs = {"a_metrics": "a/metrics.json"}' in injected and 'out_dir = "b.partial"' in injected
+
+
 def test_changed_params_refused_without_force(toy):
     run, run_dir, _ = toy
     run()
@@ -86,12 +102,98 @@ def test_failing_stage_keeps_notebook_and_earlier_outputs(toy):
         run(stages=stages)
     msg = str(err.value)
     assert "stage c failed in cell" in msg and "boom in stage c" in msg
-    failed = nbformat.read(run_dir / "notebooks" / "c.ipynb", as_version=4)
+    failed = nbformat.read(run_dir / "notebooks" / "c.failed.ipynb", as_version=4)
     assert any(o.get("ename") == "ValueError" for cell in failed.cells for o in cell.get("outputs", []))
     assert (run_dir / "a" / "metrics.json").read_text() == a_before
     assert pipeline.read_marker(run_dir, "b") is not None
     assert not (run_dir / "c").exists() and (run_dir / "c.partial").exists()
     assert "FAILED" in (run_dir / "logs" / "run.log").read_text()
+
+
+def test_failed_forced_rerun_keeps_params_and_finished_notebook(toy):
+    """A --force run that fails leaves params.yaml and the finished stage's notebook as they were."""
+    run, run_dir, stages = toy
+    run()
+    params_before = (run_dir / "params.yaml").read_bytes()
+    nb_before = (run_dir / "notebooks" / "b.ipynb").read_bytes()
+    with pytest.raises(pipeline.RunError):
+        run(stages=stages, overrides={"san.epochs": 2}, force=True)   # c fails
+    assert (run_dir / "params.yaml").read_bytes() == params_before
+    assert (run_dir / "notebooks" / "b.ipynb").read_bytes() == nb_before
+    assert run().skipped == ["a", "b"]                              # the original command still works
+
+
+def test_deleted_or_modified_output_is_rebuilt(toy):
+    run, run_dir, _ = toy
+    run()
+    (run_dir / "a" / "metrics.json").unlink()
+    again = run()
+    assert again.ran == ["a", "b"]                                  # b read a's file: its fingerprint changed too
+    (run_dir / "b" / "metrics.json").write_text("{}")
+    assert run().ran == ["b"]
+
+
+def test_library_code_change_makes_dependent_stages_stale(toy, tmp_path, monkeypatch):
+    """A stage's fingerprint covers the flowsan_lib modules its notebook imports, transitively."""
+    from flowsan_lib import layout
+    closure = pipeline.code_closure(layout.NOTEBOOK_DIR / "05_evaluate.ipynb")
+    names = {p.relative_to(pipeline.LIBRARY).as_posix() for p in closure}
+    assert {"evaluate/metrics.py", "evaluate/stage.py", "stage_setup.py", "config.py"} <= names
+    assert "report.py" not in names and "pipeline.py" not in names
+    names01 = {p.relative_to(pipeline.LIBRARY).as_posix()
+               for p in pipeline.code_closure(layout.NOTEBOOK_DIR / "01_data.ipynb")}
+    assert "evaluate/metrics.py" not in names01
+
+    lib = tmp_path / "lib" / "flowsan_lib"
+    (lib / "evaluate").mkdir(parents=True)
+    for rel in names | {"__init__.py", "evaluate/__init__.py"}:
+        src = pipeline.LIBRARY / rel
+        (lib / rel).parent.mkdir(parents=True, exist_ok=True)
+        (lib / rel).write_bytes(src.read_bytes())
+    monkeypatch.setattr(pipeline, "LIBRARY", lib)
+    nb = layout.NOTEBOOK_DIR / "05_evaluate.ipynb"
+    before = pipeline.code_digest(nb)
+    (lib / "evaluate" / "metrics.py").write_text((lib / "evaluate" / "metrics.py").read_text() + "\n# a fix\n")
+    assert pipeline.code_digest(nb) != before
+
+
+def test_second_run_into_the_same_folder_is_refused(toy, tmp_path):
+    run, run_dir, stages = toy
+    nb_dir = tmp_path / "notebooks"
+    _notebook(nb_dir / "s.ipynb", SLOW)
+    slow = (Stage("s", ("san",)),)
+    errors, results = [], []
+
+    def first():
+        try:
+            results.append(run(stages=slow, report=False))
+        except Exception as e:  # noqa: BLE001 - reported by the assertion below
+            errors.append(e)
+    t = threading.Thread(target=first)
+    t.start()
+    lock = RunLayout(run_dir).lock_file
+    for _ in range(200):                      # wait until the first run holds the lock
+        if lock.exists() and lock.read_text().strip():
+            break
+        threading.Event().wait(0.05)
+    with pytest.raises(pipeline.RunError, match="in use by another"):
+        run(stages=slow, report=False)
+    t.join()
+    assert not errors and results[0].ran == ["s"]
+    assert json.loads((run_dir / "s" / "metrics.json").read_text()) == {"slept": 8}
+    assert not (run_dir / "notebooks" / "s.failed.ipynb").exists()
+
+
+def test_interrupted_promotion_is_recovered(toy):
+    run, run_dir, _ = toy
+    run()
+    lay = RunLayout(run_dir)
+    # a kill between the two renames of a promotion: the old folder moved aside, the new one finished
+    lay.stage_dir("a").rename(lay.old_dir("a"))
+    lay.old_dir("a").joinpath("extra").write_text("x")
+    pipeline.recover_promotions(lay, [Stage("a", ("data",))])
+    assert lay.stage_dir("a").exists() and not lay.old_dir("a").exists()
+    assert run().skipped == ["a", "b"]
 
 
 def test_bad_params_rejected_before_any_work(toy, tmp_path):

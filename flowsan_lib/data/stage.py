@@ -250,12 +250,6 @@ def run_data_stage(P, stage_dir: Path) -> dict:
 
 # --- reading the stage back --------------------------------------------------------------------
 
-def stage_dir_of(run_dir: str | os.PathLike) -> Path:
-    """The data stage folder: run_dir itself if it holds faces.npz, else run_dir/01_data."""
-    run_dir = Path(run_dir)
-    return run_dir if (run_dir / "faces.npz").exists() else run_dir / STAGE
-
-
 def read_faces_csv(path: Path) -> pd.DataFrame:
     return pd.read_csv(path, keep_default_na=False,
                        dtype={"path": str, "source": str, "gender": int, "identity": str, "race": int,
@@ -309,9 +303,9 @@ class FaceSet:
         return cache.get(rows["sha1"].tolist())[0]
 
 
-def load_faces(run_dir: str | os.PathLike) -> FaceSet:
-    """The data stage's faces of a run (run folder or its 01_data folder)."""
-    d = stage_dir_of(run_dir)
+def load_faces(folder: str | os.PathLike) -> FaceSet:
+    """The faces a data stage wrote into `folder` (a run's 01_data)."""
+    d = Path(folder)
     if not (d / "faces.npz").exists():
         raise FileNotFoundError(f"no faces.npz in {d}: run the data stage first")
     with np.load(d / "faces.npz", allow_pickle=False) as z:
@@ -323,6 +317,6 @@ def load_faces(run_dir: str | os.PathLike) -> FaceSet:
     return FaceSet(gray, rgb, lms, table, metrics.get("align", {}))
 
 
-def load_failures(run_dir: str | os.PathLike) -> pd.DataFrame:
-    """failures.csv of a run's data stage."""
-    return pd.read_csv(stage_dir_of(run_dir) / "failures.csv", keep_default_na=False)
+def load_failures(folder: str | os.PathLike) -> pd.DataFrame:
+    """failures.csv of a data stage folder."""
+    return pd.read_csv(Path(folder) / "failures.csv", keep_default_na=False)

@@ -20,26 +20,12 @@ Each statistic is {"value", "lo", "hi"} with the stage's bootstrap over test ima
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from . import inhouse
 from . import metrics as M
-
-
-def find_model_folder(run_dir, kind: str = "flowsan") -> Path | None:
-    """The 04_flowsan model folder of that kind (a folder holding model.json), if any."""
-    from .. import pipeline
-    root = pipeline.stage_path(run_dir, "04_flowsan")
-    for mj in sorted(root.rglob("model.json")) if root.exists() else []:
-        try:
-            if json.loads(mj.read_text()).get("kind") == kind:
-                return mj.parent
-        except (OSError, json.JSONDecodeError):
-            continue
-    return None
 
 
 def protected_split(model, faces, split: str, device="cpu") -> list[np.ndarray]:
@@ -147,7 +133,7 @@ def _rows(boot, full_idx, sub_idx):
     return boot[:, pos]
 
 
-def run_attacks(P, run_dir, faces, seq, images, test_sets, d_sets, matchers, boots, stage_dir, device,
+def run_attacks(P, model_folder, faces, seq, images, test_sets, d_sets, matchers, boots, stage_dir, device,
                 log=print) -> dict:
     """Both attacks; returns the metrics.json `attacks` section."""
     notes = {}
@@ -155,7 +141,7 @@ def run_attacks(P, run_dir, faces, seq, images, test_sets, d_sets, matchers, boo
     epochs = max(P.evaluate.inhouse_epochs, 1)
     train = faces.split("train")
     valid = faces.split("val")
-    folder = find_model_folder(run_dir, "flowsan")
+    folder = Path(model_folder) if model_folder and (Path(model_folder) / "model.json").exists() else None
     prot_train, prot_valid = [], []
     if folder is not None:
         from ..modelio import load_model

@@ -375,16 +375,21 @@ def build_suite(P, faces, stage_dir: Path, device, n: int, aux_dir: Path | None 
     return classifiers, matchers, history
 
 
-def run_evaluate_stage(P, run_dir, stage_dir, log=print) -> dict:
-    """Evaluate the FlowSAN stage's test outputs; write metrics.json, scores.npz, figures; return metrics."""
-    from .. import pipeline, viz
+def run_evaluate_stage(P, *, faces: Path, aux: Path, test_outputs: Path, flowsan_model: Path, out: Path,
+                       log=print) -> dict:
+    """Evaluate the FlowSAN stage's test outputs; write metrics.json, scores.npz, figures; return metrics.
+
+    faces: the 01_data folder; aux: the 03 folder (seen classifiers, flagged); test_outputs: 04's
+    outputs_test.npz; flowsan_model: 04's FlowSAN model folder (for the adaptive attacker); out: where to write.
+    """
+    from .. import viz
     from ..data import load_faces
 
     t_start = time.time()
-    stage_dir = Path(stage_dir)
+    stage_dir = Path(out)
     device = suite.pick_device(P.device)
-    faces = load_faces(run_dir)
-    seq = load_sequences(pipeline.stage_path(run_dir, "04_flowsan") / "outputs_test.npz")
+    aux_dir, faces = Path(aux), load_faces(faces)
+    seq = load_sequences(test_outputs)
     images = test_images(faces, seq.rows)
     n, N = seq.n, len(seq.rows)
     methods = METHODS if seq.members is not None else ("original", "flowsan")
@@ -394,7 +399,7 @@ def run_evaluate_stage(P, run_dir, stage_dir, log=print) -> dict:
         notes["methods"] = "no ensemble outputs in 04_flowsan: Ens-Avg/Gibbs/Best not evaluated"
 
     classifiers, matchers, history = build_suite(P, faces, stage_dir, device, n,
-                                                 pipeline.stage_path(run_dir, "03_aux_classifiers"), log)
+                                                 aux_dir, log)
     t_models = time.time()
     test_sets = images.test_sets()
     match_mask = np.zeros(N, bool)
@@ -447,7 +452,7 @@ def run_evaluate_stage(P, run_dir, stage_dir, log=print) -> dict:
     attacks_out = {}
     if P.evaluate.attacks:
         from . import attacks
-        attacks_out = attacks.run_attacks(P, run_dir, faces, seq, images, test_sets, d_sets, matchers,
+        attacks_out = attacks.run_attacks(P, flowsan_model, faces, seq, images, test_sets, d_sets, matchers,
                                           boots, stage_dir, device, log)
     setup = {"schema": SCHEMA, "n_stages": n, "n_test_images": N, "seed": P.seed,
              "n_bootstrap": P.evaluate.n_bootstrap, "n_impostor": P.evaluate.n_impostor,

@@ -12,13 +12,16 @@ also take colour crops [B,3,R,R] (RGB, same geometry), which the contract itself
 from __future__ import annotations
 
 import importlib
+import typing
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-GENDER_CLASSIFIERS = ["faceapi_gender", "cydral_gender", "hse_gender", "ssrnet_gender"]
-MATCHERS = ["faceapi", "hse", "dlib"]
+from ..config import GenderClassifierName, MatcherName
+
+GENDER_CLASSIFIERS = list(typing.get_args(GenderClassifierName))
+MATCHERS = list(typing.get_args(MatcherName))
 
 # name -> "module:function" inside flowsan_lib.models.pretrained, imported on first use
 _GENDER = {"faceapi_gender": "faceapi_agegender:load_gender_classifier",

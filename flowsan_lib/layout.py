@@ -1,0 +1,170 @@
+"""The run layout: the one place that knows where a run keeps everything.
+
+    outputs/<run>/
+      params.yaml                 parameters of the last successful run (replaced only on success)
+      .lock                       advisory lock held by the `flowsan run` working in this folder
+      <stage>/                    a finished stage: its outputs and `.stage.json` (fingerprint, file hashes)
+      <stage>.partial/            a stage being computed (kept after a failure: its checkpoints resume)
+      notebooks/<stage>.ipynb     executed notebook of the finished stage (<stage>.failed.ipynb: last failure)
+      logs/run.log, logs/<stage>.log
+      scratch/<stage>/            outputs of a notebook run by hand in JupyterLab (never a finished stage)
+      report/                     offline HTML report
+
+Each stage declares what it reads (named inputs: a file or folder of an earlier stage) and the files it
+must write. The runner resolves the inputs to paths and injects them into the stage; library code never
+rebuilds another stage's path.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOK_DIR = PROJECT_ROOT / "notebooks"
+MARKER = ".stage.json"
+LOCK = ".lock"
+RUN_FOLDERS = ("notebooks", "logs", "report", "scratch")   # run folders that are not stages
+
+
+def output_root() -> Path:
+    """Where runs live: $FLOWSAN_OUTPUTS, else outputs/ in the project."""
+    return Path(os.environ.get("FLOWSAN_OUTPUTS", PROJECT_ROOT / "outputs"))
+
+
+@dataclass(frozen=True)
+class Input:
+    """A file or folder that one stage reads from an earlier stage."""
+    stage: str
+    path: str = ""                     # relative to that stage's folder; "" = the folder itself
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One notebook of the pipeline: its parameters, what it reads, what it must write."""
+    name: str                          # also the notebook file stem and the stage folder name
+    sections: tuple[str, ...]          # parameter sections whose values change its result
+    inputs: dict = field(default_factory=dict)   # keyword of the stage function -> Input
+    outputs: tuple[str, ...] = ("metrics.json",)  # files it must leave in its folder
+    uses_models: bool = False          # needs the pretrained weights in the cache
+
+    @property
+    def needs(self) -> tuple[str, ...]:
+        """Stages whose outputs it reads, in pipeline order."""
+        return tuple(sorted({i.stage for i in self.inputs.values()}))
+
+
+FACES = Input("01_data")
+STAGES: tuple[Stage, ...] = (
+    Stage("01_data", ("data",), {}, ("metrics.json", "faces.npz", "faces.csv"), uses_models=True),
+    Stage("02_prototypes", ("prototypes",), {"faces": FACES}, ("metrics.json", "prototypes.safetensors")),
+    Stage("03_aux_classifiers", ("aux",), {"faces": FACES}),
+    Stage("04_flowsan", ("san",), {"faces": FACES, "prototypes": Input("02_prototypes", "prototypes.safetensors"),
+                                   "aux": Input("03_aux_classifiers")},
+          ("metrics.json", "outputs_test.npz", "flowsan/model.json"), uses_models=True),
+    Stage("05_evaluate", ("evaluate",), {"faces": FACES, "aux": Input("03_aux_classifiers"),
+                                         "test_outputs": Input("04_flowsan", "outputs_test.npz"),
+                                         "flowsan_model": Input("04_flowsan", "flowsan")},
+          ("metrics.json", "scores.npz"), uses_models=True),
+    Stage("06_explore", (), {"scores": Input("05_evaluate", "scores.npz"),
+                             "test_outputs": Input("04_flowsan", "outputs_test.npz")}),
+)
+STAGE_NAMES = tuple(s.name for s in STAGES)
+
+_RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+class LayoutError(ValueError):
+    """A run name or stage name that cannot be used; the message says which and why."""
+
+
+def stage_named(name: str, stages=STAGES) -> Stage:
+    for s in stages:
+        if s.name == name:
+            return s
+    raise LayoutError(f"unknown stage {name!r}; stages: {', '.join(s.name for s in stages)}")
+
+
+def check_run_name(name: str) -> str:
+    """A run name is one plain folder name under outputs/: no separators, no '..', no hidden names."""
+    if not isinstance(name, str) or not _RUN_NAME.fullmatch(name) or ".." in name:
+        raise LayoutError(f"--run-name {name!r} is not a plain folder name: use letters, digits, '.', '_' and '-' "
+                          "(starting with a letter or digit, no '..', at most 100 characters)")
+    return name
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """Paths of one run folder (see the module docstring)."""
+    root: Path
+
+    @classmethod
+    def named(cls, name: str, output_dir: Path | None = None) -> "RunLayout":
+        return cls(Path(output_dir or output_root()) / check_run_name(name))
+
+    @property
+    def params_file(self) -> Path:
+        return self.root / "params.yaml"
+
+    def attempt_params_file(self) -> Path:
+        """Parameters of the run in progress; they replace params.yaml only when it succeeds."""
+        return self.root / "logs" / "params.attempt.yaml"
+
+    @property
+    def lock_file(self) -> Path:
+        return self.root / LOCK
+
+    @property
+    def log_file(self) -> Path:
+        return self.root / "logs" / "run.log"
+
+    @property
+    def report_dir(self) -> Path:
+        return self.root / "report"
+
+    @property
+    def notebook_dir(self) -> Path:
+        return self.root / "notebooks"
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.root / stage
+
+    def partial_dir(self, stage: str) -> Path:
+        return self.root / f"{stage}.partial"
+
+    def old_dir(self, stage: str) -> Path:
+        return self.root / f"{stage}.old"
+
+    def scratch_dir(self, stage: str) -> Path:
+        return self.root / "scratch" / stage
+
+    def marker(self, stage: str) -> Path:
+        return self.stage_dir(stage) / MARKER
+
+    def executed_notebook(self, stage: str, state: str = "") -> Path:
+        """notebooks/<stage>.ipynb (finished), <stage>.attempt.ipynb (running), <stage>.failed.ipynb."""
+        return self.notebook_dir / (f"{stage}.{state}.ipynb" if state else f"{stage}.ipynb")
+
+    def stage_log(self, stage: str) -> Path:
+        return self.root / "logs" / f"{stage}.log"
+
+    def input_paths(self, stage: Stage) -> dict[str, Path]:
+        """The finished-stage paths a stage reads, by the keyword its stage function takes."""
+        return {key: self.stage_dir(i.stage) / i.path if i.path else self.stage_dir(i.stage)
+                for key, i in stage.inputs.items()}
+
+
+def relative_to_project(path: Path) -> str:
+    """A path as papermill injects it: relative to the project root when inside it (reports stay portable)."""
+    path = Path(path).resolve()
+    try:
+        return path.relative_to(PROJECT_ROOT.resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def resolve(path: str | os.PathLike) -> Path:
+    """Relative paths are relative to the project root, wherever the notebook runs."""
+    p = Path(path)
+    return p if p.is_absolute() else PROJECT_ROOT / p

@@ -272,8 +272,8 @@ class _Progress:
 # --- the command ----------------------------------------------------------------------------------
 
 def _perturb(m, x, y, lms, t: int, device):
-    """Psi(I, t) for FlowSAN, Ens-Avg of t members for an ensemble, on `device` (as FlowModel.anonymize,
-    which runs on the CPU only)."""
+    """Psi(I, t) for FlowSAN, Ens-Avg of t members for an ensemble (FlowModel.anonymize's methods), with
+    the device the model was loaded on passed through."""
     from .methods import ens_avg, flow_sequence, member_outputs
     m.check_images(x)
     bank = m.bank(lms)
@@ -359,8 +359,8 @@ def _run(pool, model, input_dir, output_dir, files, labels, stages, label_free, 
     prog.say(f"anonymize: {len(files) - len(todo)} of {len(files)} already done in {output_dir}; "
              f"{m.kind} x{t} at {m.resolution} px on {dev}, {workers} worker(s)")
     report = _Report(output_dir / REPORT)
-    batches = iter([[(f.as_posix(), str(input_dir / f)) for f in todo[i:i + batch_size]]
-                    for i in range(0, len(todo), batch_size)])
+    batches = ([(f.as_posix(), str(input_dir / f)) for f in todo[i:i + batch_size]]
+               for i in range(0, len(todo), batch_size))
     inflight: deque = deque()
     from PIL import Image
     try:
@@ -403,13 +403,12 @@ def _run(pool, model, input_dir, output_dir, files, labels, stages, label_free, 
             report.append(list(rows.values()))
             n_ok = sum(r["status"] == "ok" for r in rows.values())
             prog.update(n_ok, len(rows) - n_ok)
-    except KeyboardInterrupt:
-        prog.say(f"anonymize: interrupted after {prog.new} images this run; {REPORT} lists every finished "
-                 "image: run the same command again to continue")
-        raise
     finally:
         report.close()
         prog.close()
+        if sys.exc_info()[0] is KeyboardInterrupt:
+            prog.say(f"anonymize: interrupted after {prog.new} images this run; {REPORT} lists every finished "
+                     "image: run the same command again to continue")
     final = compact_report(output_dir / REPORT)
     current = [final[f.as_posix()] for f in files if f.as_posix() in final]
     n_ok = sum(r["status"] == "ok" for r in current)

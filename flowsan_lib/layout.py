@@ -3,6 +3,7 @@
     outputs/<run>/
       params.yaml                 parameters of the last successful run (replaced only on success)
       .lock                       advisory lock held by the `flowsan run` working in this folder
+      .kernel.lock                held by the stage kernel that `flowsan run` started
       <stage>/                    a finished stage: its outputs and `.stage.json` (fingerprint, file hashes)
       <stage>.partial/            a stage being computed (kept after a failure: its checkpoints resume)
       notebooks/<stage>.ipynb     executed notebook of the finished stage (<stage>.failed.ipynb: last failure)
@@ -114,6 +115,11 @@ class RunLayout:
     @property
     def lock_file(self) -> Path:
         return self.root / LOCK
+
+    @property
+    def kernel_lock_file(self) -> Path:
+        """Held by the stage kernel: a kernel orphaned by a killed run blocks the next one's."""
+        return self.root / ".kernel.lock"
 
     @property
     def log_file(self) -> Path:

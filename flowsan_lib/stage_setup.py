@@ -6,8 +6,10 @@ in that run is recomputed into `scratch/<stage>/`, never into the finished folde
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import random
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,11 +42,42 @@ def setup_stage(preset: str, run_dir: str, overrides: dict | None, stage: str, i
     params = config.load(_preset_file(preset, run), overrides)
     seed_everything(params.seed, params.threads)
     if out_dir:                                  # injected by the runner
+        _hold_kernel_lock(run)
         io = StageIO(run, run.root / out_dir, {k: run.root / v for k, v in (inputs or {}).items()}, False)
     else:
         io = StageIO(run, _interactive_out(run, stage), _interactive_inputs(run, layout.stage_named(stage)), True)
     io.out.mkdir(parents=True, exist_ok=True)
     return params, io
+
+
+_KERNEL_LOCK_FD: int | None = None   # held for the kernel's lifetime
+
+
+def _hold_kernel_lock(run: layout.RunLayout, wait_s: float = 60.0) -> None:
+    """One stage kernel at a time per run folder.
+
+    A killed `flowsan run` leaves its kernel alive for up to a second (ipykernel's parent poller ends
+    it); a resumed run's kernel waits here for it rather than writing into the same .partial folder.
+    """
+    global _KERNEL_LOCK_FD
+    if _KERNEL_LOCK_FD is not None:
+        return
+    fd = os.open(run.kernel_lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+                os.close(fd)
+                raise RuntimeError(f"a stage kernel of an earlier run still works in {run.root} "
+                                   f"(pid {holder}); stop it and re-run")
+            time.sleep(0.2)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    _KERNEL_LOCK_FD = fd
 
 
 def _preset_file(preset: str, run: layout.RunLayout):

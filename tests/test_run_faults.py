@@ -1,0 +1,79 @@
+"""Faults of a real run: `kill -9` of `flowsan run` in FlowSAN training, then the same command again.
+
+The resumed run must give exactly what an uninterrupted run gives: the same test outputs of every
+method, the same SAN weights and the same seen-network metrics.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from safetensors.torch import load_file
+
+from flowsan_lib import pipeline
+from flowsan_lib.layout import STAGES, RunLayout
+
+UP_TO_04 = STAGES[:4]
+SAME = ("aux_auc", "matcher", "mean_abs_change", "seen_auc_at_t_max", "n_train", "n_val", "n_test")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted smoke run of stages 01-04."""
+    out = tmp_path_factory.mktemp("reference")
+    pipeline.run("smoke", output_dir=out, stages=UP_TO_04, report=False)
+    return RunLayout(out / "smoke")
+
+
+def _flowsan_cmd(outputs):
+    env = {**os.environ, "FLOWSAN_OUTPUTS": str(outputs), "OMP_NUM_THREADS": "1"}
+    return [sys.executable, "-m", "flowsan_lib.cli", "run", "smoke", "--only", "04_flowsan"], env
+
+
+def _wait_for(path, proc, timeout=900):
+    t0 = time.time()
+    while not path.exists():
+        assert proc.poll() is None, f"the run ended (rc {proc.returncode}) before {path.name} appeared"
+        assert time.time() - t0 < timeout, f"{path} did not appear in {timeout} s"
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_kill_9_in_flowsan_stage_2_then_resume_equals_uninterrupted(reference, tmp_path):
+    run = RunLayout(tmp_path / "smoke")
+    run.root.mkdir()
+    for stage in ("01_data", "02_prototypes", "03_aux_classifiers"):   # finished inputs, verified by hash
+        shutil.copytree(reference.stage_dir(stage), run.stage_dir(stage))
+    shutil.copy(reference.params_file, run.params_file)
+    cmd, env = _flowsan_cmd(tmp_path)
+
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    # ensemble member 2 saved: FlowSAN stage 2 (transform, then training) is what runs next
+    _wait_for(run.partial_dir("04_flowsan") / "ensemble" / "stage02.safetensors", proc)
+    time.sleep(1.0)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not run.stage_dir("04_flowsan").exists() and run.partial_dir("04_flowsan").exists()
+
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "Traceback" not in again.stderr
+
+    got, want = run.stage_dir("04_flowsan"), reference.stage_dir("04_flowsan")
+    m_got, m_want = (json.loads((d / "metrics.json").read_text()) for d in (got, want))
+    assert {k: m_got[k] for k in SAME} == {k: m_want[k] for k in SAME}
+    assert any(s.get("loaded") for s in m_got["ensemble_members"])          # it did resume, not restart
+    with np.load(got / "outputs_test.npz") as a, np.load(want / "outputs_test.npz") as b:
+        assert a.files == b.files and all(np.array_equal(a[k], b[k]) for k in a.files)
+    for kind in ("flowsan", "ensemble"):
+        for f in sorted((want / kind).glob("stage*.safetensors")):
+            wa, wb = load_file(got / kind / f.name), load_file(f)
+            assert wa.keys() == wb.keys() and all(np.array_equal(wa[k].numpy(), wb[k].numpy()) for k in wa)

@@ -40,10 +40,7 @@ GPU_PEAK_TFLOPS = {
 
 # --- devices ---------------------------------------------------------------------------------
 
-def pick_device(name: str = "auto") -> torch.device:
-    """'auto' -> cuda when available, else cpu (the same rule as the library's training)."""
-    from flowsan_lib.train import pick_device as lib_pick
-    return lib_pick(name)
+from flowsan_lib.device import pick_device  # noqa: E402,F401  (the library's one rule)
 
 
 def sync(device: torch.device) -> None:

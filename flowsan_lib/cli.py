@@ -30,7 +30,7 @@ def _overrides(pairs: list[str]) -> dict:
 def cmd_run(a) -> int:
     from . import pipeline
     res = pipeline.run(a.preset, run_name=a.run_name, only=a.only, from_stage=a.from_stage,
-                       overrides=_overrides(a.set), force=a.force)
+                       overrides=_overrides(a.set), force=a.force, gpus=a.gpus)
     print(f"ran: {', '.join(res.ran) or 'nothing'}; up to date: {', '.join(res.skipped) or 'none'}")
     print(res.report)
     return 0
@@ -100,6 +100,8 @@ def parser() -> argparse.ArgumentParser:
 
     an = sub.add_parser("anonymize", help="detect, align and perturb the faces in a folder of images; writes "
                         "OUTPUT_DIR/<relative path>.png and anonymize.csv, and resumes an interrupted run")
+    r.add_argument("--gpus", type=int, metavar="N", help="train the SANs and auxiliary classifiers data-parallel on "
+                   "N GPUs (one process each; san/aux batch_size is the global batch); ensemble members one per GPU")
     an.add_argument("model", help="trained model folder (e.g. outputs/quick/04_flowsan/flowsan)")
     an.add_argument("input_dir")
     an.add_argument("output_dir", help="new or empty folder (or an earlier run's, to resume), outside input_dir")

@@ -69,6 +69,7 @@ class AuxParams:
     replicate: int = 40             # times a resampled subset of the under-represented race is repeated
     subset_frac: float = 0.2        # fraction of that race's images in each disjoint subset
     augment: bool = True
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on a CUDA GPU, fp32 on the CPU
 
     def check(self):
         _need(self.n_classifiers >= 1, "n_classifiers", "must be >= 1")
@@ -96,7 +97,8 @@ class SanParams:
     matcher: MatcherName = "faceapi"  # auxiliary matcher M
     init_from_ensemble: bool = False  # start each FlowSAN stage from the matching ensemble SAN
     train_ensemble: bool = True     # also train the independent ensemble baseline
-    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 pays off on GPUs, not on this CPU
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast (fp32 loss terms) on a CUDA GPU, fp32 on the CPU
+    compile: bool = False           # torch.compile the SAN for training and inference (GPU; compile time up front)
 
     def check(self):
         _need(self.n_stages >= 1, "n_stages", "must be >= 1")
@@ -131,7 +133,8 @@ class EvalParams:
 class RunParams:
     seed: int = 42                  # every random choice derives from it
     threads: int = 0                # torch CPU threads; 0 = all cores
-    device: str = "auto"            # auto, cpu, cuda
+    device: str = "auto"            # auto (GPU when there is one), cpu, cuda, cuda:N
+    gpus: int = 1                   # data-parallel training processes, one per GPU (flowsan run --gpus N)
     data: DataParams = field(default_factory=DataParams)
     prototypes: PrototypeParams = field(default_factory=PrototypeParams)
     aux: AuxParams = field(default_factory=AuxParams)
@@ -141,6 +144,12 @@ class RunParams:
     def check(self):
         _need(0 <= self.seed < 2**32, "seed", f"must be in [0, 2**32) (got {self.seed})")
         _need(self.threads >= 0, "threads", "must be >= 0")
+        _need(1 <= self.gpus <= 64, "gpus", f"must be between 1 and 64 (got {self.gpus})")
+        for sec in ("san", "aux"):
+            bs = getattr(self, sec).batch_size
+            _need(bs % self.gpus == 0, f"{sec}.batch_size",
+                  f"is the global batch, split over gpus = {self.gpus} processes: make it a multiple of {self.gpus} "
+                  f"(got {bs})")
         _need(self.aux.n_classifiers >= self.san.n_stages, "aux.n_classifiers",
               f"must be >= san.n_stages ({self.san.n_stages}): each SAN stage needs its own G_i "
               f"(got {self.aux.n_classifiers})")

@@ -8,6 +8,7 @@ Every finished stage is saved as a safetensors file (`modelio.save_san`) and rel
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import time
@@ -19,13 +20,17 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from fastai.callback.core import Callback
+
+from .device import module_device, pick_device, require_on, resolve_precision, same_device
 from .losses import SanLoss
-from .methods import apply_san, to_images
+from .methods import apply_san, as_float, to_images
 from .integrity import sha256_file
 from .modelio import ModelError, read_san, save_san
 from .models.san import SAN
 from .prototypes import ProtoBank
-from .train import MatchWarmup, TensorLoader, build_learner, derive_seed, fit_resumable, make_dls
+from .train import (MatchWarmup, TensorLoader, build_learner, derive_seed, fit_resumable, history_seconds,
+                    last_checkpoint, make_dls, rank, world)
 
 MATCH_REDUCTION = "sum"   # J_M summed over batch and dims, as the original code (see losses.match_loss)
 
@@ -34,9 +39,13 @@ MATCH_REDUCTION = "sum"   # J_M summed over batch and dims, as the original code
 
 @dataclass
 class StageData:
-    """What one SAN trains on: its input images, the originals, their descriptors, labels, prototypes."""
-    inputs: torch.Tensor     # float [N,1,R,R]: originals (stage 1, ensemble) or the previous stage's output
-    original: torch.Tensor   # float [N,1,R,R]
+    """What one SAN trains on: its input images, the originals, their descriptors, labels, prototypes.
+
+    All on one device (`to`); on a GPU the whole set lives there, the originals as uint8 (a 30k-face
+    set at 224 px is 1.5 GB) and a later FlowSAN stage's inputs as the previous stage's float outputs.
+    """
+    inputs: torch.Tensor     # [N,1,R,R] uint8 or float in [0,1]: originals (stage 1, ensemble) or the previous stage's output
+    original: torch.Tensor   # [N,1,R,R] uint8 or float in [0,1]
     desc: torch.Tensor       # float [N,D]: matcher descriptors of the ORIGINALS (D = 0 without matcher)
     y: torch.Tensor          # float [N], 1 = male
     bank: ProtoBank
@@ -44,29 +53,47 @@ class StageData:
     def __len__(self):
         return len(self.y)
 
+    @property
+    def device(self) -> torch.device:
+        return self.y.device
+
     def with_inputs(self, x: torch.Tensor) -> "StageData":
         return dataclasses.replace(self, inputs=x)
 
+    def to(self, device) -> "StageData":
+        """A copy on device (the tensors keep their dtype; nothing is copied when already there)."""
+        same = self.inputs is self.original
+        original = self.original.to(device)
+        return StageData(original if same else self.inputs.to(device), original, self.desc.to(device),
+                         self.y.to(device), self.bank.to(device))
+
     def batch_fn(self, pixel_target: str):
-        """rows -> (input, P_sm, P_op | pixel target, original descriptor, y)."""
+        """rows -> (input, P_sm, P_op | pixel target, original descriptor, y), float, on the data's device."""
         target = self.inputs if pixel_target == "input" else self.original
 
         def fn(rows):
+            rows = rows.to(self.device, non_blocking=True)
             y = self.y[rows]
             p_sm, p_op = self.bank.pair(rows, y)
-            return self.inputs[rows], p_sm, p_op, target[rows], self.desc[rows], y
+            return as_float(self.inputs[rows]), p_sm, p_op, as_float(target[rows]), self.desc[rows], y
         return fn
 
 
 @torch.no_grad()
-def descriptors(matcher, x: torch.Tensor, bs: int = 128, device="cpu") -> torch.Tensor:
-    """Matcher descriptors [N,D] of images [N,1,R,R], computed in batches without gradients."""
-    out = [matcher(x[i:i + bs].to(device)).float().cpu() for i in range(0, len(x), bs)]
-    return torch.cat(out) if out else torch.zeros(0, getattr(matcher, "dim", 0))
+def descriptors(matcher, x: torch.Tensor, bs: int = 128, device=None) -> torch.Tensor:
+    """Matcher descriptors [N,D] of images [N,1,R,R] (uint8 or float), in batches without gradients.
+
+    Computed on the matcher's device (device, if given, must be it), returned on x's device.
+    """
+    at = module_device(matcher)
+    if device is not None and not same_device(at, device):
+        require_on(matcher, torch.device(device), "the matcher")
+    out = [matcher(as_float(x[i:i + bs].to(at))).float().to(x.device) for i in range(0, len(x), bs)]
+    return torch.cat(out) if out else torch.zeros(0, getattr(matcher, "dim", 0), device=x.device)
 
 
-def cached_descriptors(matcher, name: str, gray: np.ndarray, path: Path, device="cpu") -> torch.Tensor:
-    """Original-image descriptors, computed once per run and cached in a safetensors file."""
+def cached_descriptors(matcher, name: str, gray: np.ndarray, path: Path, device=None) -> torch.Tensor:
+    """Original-image descriptors (on the CPU), computed once per run on the matcher's device, cached in a file."""
     key = hashlib.sha256(np.ascontiguousarray(gray).tobytes()).hexdigest()
     if path.exists():
         with safe_open(str(path), "pt") as f:
@@ -74,7 +101,7 @@ def cached_descriptors(matcher, name: str, gray: np.ndarray, path: Path, device=
             if md.get("matcher") == name and md.get("images_sha256") == key:
                 return f.get_tensor("desc")
     t0 = time.time()
-    d = descriptors(matcher, to_images(gray), device=device)
+    d = descriptors(matcher, torch.from_numpy(np.ascontiguousarray(gray)).unsqueeze(1), device=device)
     save_file({"desc": d.contiguous()}, str(path), metadata={"matcher": name, "images_sha256": key})
     print(f"[descriptors] {len(d)} original faces with matcher {name} in {time.time() - t0:.1f} s", flush=True)
     return d
@@ -89,31 +116,89 @@ def san_loss(sp, gender, matcher) -> SanLoss:
 
 
 def frozen_for_loss(net, device):
-    """A frozen auxiliary network moved (in place) to `device`, eval mode, channels-last conv weights.
+    """A frozen auxiliary network that already lives on `device`, in eval mode, channels-last conv weights.
 
-    Channels-last lets oneDNN run the frozen convolutions without layout reorders (a faster SAN
-    training step on the 2-core CPU, benchmarks/README.md). Values are unchanged; the input
-    gradient differs only by float rounding.
+    Never moved here: a network on another device is an error (the stage creates it on its device).
+    Channels-last (a layout, set in place; values unchanged, the input gradient differs only by float
+    rounding) lets oneDNN and cuDNN run the frozen convolutions without layout reorders (a faster SAN
+    training step, benchmarks/README.md).
     """
     if net is None:
         return None
-    return net.to(device).eval().to(memory_format=torch.channels_last)
+    require_on(net, torch.device(device), f"frozen network {getattr(net, 'name', type(net).__name__)}")
+    return net.eval().to(memory_format=torch.channels_last)
 
 
 def train_san(san: SAN, train: StageData, valid: StageData, gender, matcher, sp, *, seed: int, tag: str,
-              ckpt_dir: Path, history: Path, params: dict, device="cpu", extra_cbs=()) -> dict:
-    """Train one SAN with fastai (resuming from ckpt_dir); returns the fit summary."""
+              ckpt_dir: Path, history: Path, params: dict, device="cpu", extra_cbs=(), gpus: int = 1) -> dict:
+    """Train one SAN with fastai (resuming from ckpt_dir); returns the fit summary.
+
+    The SAN, the data and the frozen networks must already live on `device`. gpus > 1: data parallel
+    in that many processes (`parallel.launch`; sp.batch_size is the global batch); the trained
+    weights are then read back from the last per-epoch checkpoint.
+    """
     device = torch.device(device)
+    require_on(san, device, "the SAN being trained")
+    if not same_device(train.device, device) or not same_device(valid.device, device):
+        raise ValueError(f"training data on {train.device}/{valid.device}, SAN on {device}: put them on one device")
+    if gpus <= 1:
+        return _fit_san(san, train, valid, gender, matcher, sp, seed=seed, tag=tag, ckpt_dir=ckpt_dir,
+                        history=history, params=params, device=device, extra_cbs=extra_cbs)
+    from .parallel import launch
+    cpu = torch.device("cpu")
+    cpu_copy = lambda m: None if m is None else copy.deepcopy(m).to(cpu)   # the shared modules stay where they are
+    done_before, _ = last_checkpoint(ckpt_dir)
+    launch(_san_worker, gpus, {k: v.detach().cpu() for k, v in san.state_dict().items()}, san.config(),
+           train.to(cpu), valid.to(cpu), cpu_copy(gender), cpu_copy(matcher), sp,
+           dict(seed=seed, tag=tag, ckpt_dir=ckpt_dir, history=history, params=params, extra_cbs=extra_cbs,
+                device_type=device.type),
+           use_cuda=device.type == "cuda")
+    done, path = last_checkpoint(ckpt_dir)
+    if path is None or done < sp.epochs:
+        raise RuntimeError(f"{tag}: data-parallel training ended without a checkpoint of epoch {sp.epochs} in {ckpt_dir}")
+    from safetensors.torch import load_file
+    san.load_state_dict({k[6:]: v for k, v in load_file(str(path)).items() if k.startswith("model.")})
+    return {"epochs": sp.epochs, "resumed_after": done_before, "seconds": history_seconds(history), "gpus": gpus}
+
+
+def _san_worker(state: dict, config: dict, train: StageData, valid: StageData, gender, matcher, sp, kw: dict):
+    """One data-parallel process: its own copies of everything, on its own device (parallel.launch)."""
+    device = pick_device(kw.pop("device_type"))                         # cuda -> this process's GPU
+    san = SAN(**config)
+    san.load_state_dict(state)
+    san.to(device)
+    on = lambda m: None if m is None else m.to(device)                 # this process's own copies
+    _fit_san(san, train.to(device), valid.to(device), on(gender), on(matcher), sp, device=device, **kw)
+
+
+class MatchShare(Callback):
+    """Data parallel: each process weighs its share of the batch-summed J_M by the number of processes
+    in training (see SanLoss.match_scale); validation runs the whole set in every process, unweighted."""
+
+    def before_train(self):
+        self.loss_func.match_scale = world()
+
+    def before_validate(self):
+        self.loss_func.match_scale = 1
+
+
+def _fit_san(san: SAN, train: StageData, valid: StageData, gender, matcher, sp, *, seed: int, tag: str,
+             ckpt_dir: Path, history: Path, params: dict, device, extra_cbs=()) -> dict:
     gender, matcher = frozen_for_loss(gender, device), frozen_for_loss(matcher, device)
     loss = san_loss(sp, gender, matcher)
     tl = TensorLoader(len(train), train.batch_fn(sp.pixel_target), sp.batch_size, shuffle=True, seed=seed,
-                      device=device)
-    # same batch size for validation: a sum-reduced J_M scales with it
+                      device=device, rank=rank(), world=world())
+    # same batch size for validation: a sum-reduced J_M scales with it (every process validates it all)
     vl = TensorLoader(len(valid), valid.batch_fn(sp.pixel_target), sp.batch_size, device=device)
-    learn = build_learner(san.to(device), make_dls(tl, vl, n_inp=3), loss,
-                          cbs=[MatchWarmup(sp.match_warmup_epochs)], precision=sp.precision)
-    summary = fit_resumable(learn, sp.epochs, sp.lr, ckpt_dir, params, tag, history, seed, extra_cbs=extra_cbs)
-    san.cpu().eval()
+    if device.type == "cuda":
+        san.to(memory_format=torch.channels_last)     # tensor-core friendly layout; the same values
+    if sp.compile:
+        san.compile()                                 # in place: the state_dict keys stay the same
+    learn = build_learner(san, make_dls(tl, vl, n_inp=3), loss, cbs=[MatchWarmup(sp.match_warmup_epochs), MatchShare()],
+                          precision=resolve_precision(sp.precision, device))
+    summary = fit_resumable(learn, sp.epochs, sp.lr, ckpt_dir, params, tag, history, seed, extra_cbs=extra_cbs,
+                            batch_param="san.batch_size")
+    san.eval()
     return summary
 
 
@@ -122,7 +207,7 @@ def train_san(san: SAN, train: StageData, valid: StageData, gender, matcher, sp,
 def san_params_dict(sp) -> dict:
     """SanParams a SAN's weights depend on (epochs and counts excluded, so a run can be extended)."""
     d = dataclasses.asdict(sp)
-    for k in ("epochs", "n_stages", "train_ensemble"):
+    for k in ("epochs", "n_stages", "train_ensemble", "compile"):
         d.pop(k)
     return d
 
@@ -144,7 +229,7 @@ def _aux_sha(g) -> str:
 
 def _train_or_load(role: str, i: int, sp, seed: int, train: StageData, valid: StageData, gender, matcher,
                    folder: Path, ckpt_root: Path, hist_root: Path, params: dict, init: SAN | None,
-                   device, extra_cbs) -> tuple[SAN, dict]:
+                   device, extra_cbs, gpus: int = 1) -> tuple[SAN, dict]:
     """Stage i of `role`: load its finished file if it matches `params`, else train (resuming) and save."""
     final = folder / f"stage{i:02d}.safetensors"
     tag = f"{role} stage {i}"
@@ -153,35 +238,69 @@ def _train_or_load(role: str, i: int, sp, seed: int, train: StageData, valid: St
         if meta.get("params") != params:
             raise ModelError(f"{final} was trained with different parameters; delete {folder} to retrain")
         print(f"[{tag}] done earlier ({final.name}); loaded", flush=True)
-        return san, {**meta.get("summary", {}), "loaded": True}
+        return san.to(device), {**meta.get("summary", {}), "loaded": True}
     torch.manual_seed(derive_seed(seed, "san-init", i))  # the same start for FlowSAN stage i and member i
-    san = SAN(params["resolution"], train.bank.channels, sp.width)
+    san = SAN(params["resolution"], train.bank.channels, sp.width)  # CPU generator: the same start on any device
     if init is not None:
         san.load_state_dict(init.state_dict())
+    san = san.to(device)                                 # a fresh module: created here, then trained in place
     summary = train_san(san, train, valid, gender, matcher, sp, seed=derive_seed(seed, "san", i), tag=tag,
                         ckpt_dir=ckpt_root / role / f"stage{i:02d}", history=hist_root / f"{role}_stage{i:02d}.csv",
-                        params=params, device=device, extra_cbs=extra_cbs(role, i) if extra_cbs else ())
+                        params=params, device=device, extra_cbs=extra_cbs(role, i) if extra_cbs else (), gpus=gpus)
     folder.mkdir(parents=True, exist_ok=True)
     save_san(san, final, {"params": params, "summary": summary})
     return san, summary
 
 
 def train_ensemble(sp, seed: int, train: StageData, valid: StageData, aux: list, matcher, folder: Path,
-                   ckpt_root: Path, hist_root: Path, base: dict, device="cpu", extra_cbs=None):
-    """n SANs, each on the unmodified images with its own G_i; returns (members, per-member summaries)."""
+                   ckpt_root: Path, hist_root: Path, base: dict, device="cpu", extra_cbs=None, gpus: int = 1):
+    """n SANs, each on the unmodified images with its own G_i; returns (members, per-member summaries).
+
+    gpus > 1: the members are independent, so they train in parallel, one process per GPU (member i on
+    GPU (i-1) mod gpus), each writing its stage file; this process then loads them.
+    """
+    device = torch.device(device)
+    n = sp.n_stages
+    todo = [i for i in range(1, n + 1) if not (Path(folder) / f"stage{i:02d}.safetensors").exists()]
+    if gpus > 1 and len(todo) > 1:
+        from .parallel import launch
+        cpu = torch.device("cpu")
+        copies = lambda ms: [None if m is None else copy.deepcopy(m).to(cpu) for m in ms]
+        w = min(gpus, len(todo))
+        launch(_members_worker, w, w, todo, sp, seed, train.to(cpu), valid.to(cpu), copies(aux),
+               copies([matcher])[0], folder, ckpt_root, hist_root, base, device.type,
+               use_cuda=device.type == "cuda", distributed=False)
     members, info = [], []
-    for i in range(1, sp.n_stages + 1):
+    for i in range(1, n + 1):
         params = _stage_params(base, sp, "ensemble", i, _aux_sha(aux[i - 1]), "original", "scratch")
         san, s = _train_or_load("ensemble", i, sp, seed, train, valid, aux[i - 1], matcher, folder, ckpt_root,
                                 hist_root, params, None, device, extra_cbs)
+        if gpus > 1 and i in todo:
+            s = {**s, "loaded": False, "parallel_members": True}
         members.append(san)
         info.append(s)
     return members, info
 
 
+def _members_worker(w: int, todo: list[int], sp, seed, train, valid, aux, matcher, folder, ckpt_root, hist_root,
+                    base, device_type: str):
+    """Ensemble members todo[rank::w], one process per GPU (parallel.launch without a process group)."""
+    import os
+    r = int(os.environ["LOCAL_RANK"])
+    device = pick_device(device_type)
+    train, valid = train.to(device), valid.to(device)
+    matcher = None if matcher is None else matcher.to(device)
+    for i in todo[r::w]:
+        g = aux[i - 1].to(device)
+        params = _stage_params(base, sp, "ensemble", i, _aux_sha(g), "original", "scratch")
+        _train_or_load("ensemble", i, sp, seed, train, valid, g, matcher, folder, ckpt_root, hist_root, params,
+                       None, device, None)
+
+
 def train_flowsan(sp, seed: int, train: StageData, valid: StageData, aux: list, matcher, folder: Path,
                   ckpt_root: Path, hist_root: Path, base: dict, members: list[SAN] | None = None,
-                  device="cpu", extra_cbs=None, transform_bs: int = 128, members_info: list[dict] | None = None):
+                  device="cpu", extra_cbs=None, transform_bs: int = 128, members_info: list[dict] | None = None,
+                  gpus: int = 1):
     """SAN_1..SAN_n in order; SAN_i trains on the training set transformed by SAN_1..SAN_(i-1).
 
     members: trained ensemble SANs; with sp.init_from_ensemble each stage starts from member i (as the
@@ -195,8 +314,8 @@ def train_flowsan(sp, seed: int, train: StageData, valid: StageData, aux: list, 
         t_transform = 0.0
         if i > 1:  # the new stage's inputs are the previous stage's outputs, computed once under no_grad
             t0 = time.time()
-            x_tr = apply_san(stages[-1], x_tr, train.bank, train.y, transform_bs, device)
-            x_va = apply_san(stages[-1], x_va, valid.bank, valid.y, transform_bs, device)
+            x_tr = apply_san(stages[-1], x_tr, train.bank, train.y, transform_bs, device, precision="fp32")
+            x_va = apply_san(stages[-1], x_va, valid.bank, valid.y, transform_bs, device, precision="fp32")
             t_transform = time.time() - t0
         init = members[i - 1] if sp.init_from_ensemble and members else None
         params = _stage_params(base, sp, "flowsan", i, _aux_sha(aux[i - 1]), prev,
@@ -207,7 +326,7 @@ def train_flowsan(sp, seed: int, train: StageData, valid: StageData, aux: list, 
         else:
             san, s = _train_or_load("flowsan", i, sp, seed, train.with_inputs(x_tr), valid.with_inputs(x_va),
                                     aux[i - 1], matcher, folder, ckpt_root, hist_root, params, init, device,
-                                    extra_cbs)
+                                    extra_cbs, gpus)
         stages.append(san)
         info.append({**s, "transform_seconds": round(t_transform, 3)})
         prev = sha256_file(folder / f"stage{i:02d}.safetensors")
@@ -223,4 +342,4 @@ def _share_member(member: SAN, folder: Path, params: dict) -> tuple[SAN, dict]:
     san, meta = read_san(final)
     if meta.get("params") != params:
         raise ModelError(f"{final} was made with different parameters; delete {folder} to retrain")
-    return san, {"shared_with": "ensemble/stage01.safetensors", "seconds": 0.0}
+    return san.to(module_device(member)), {"shared_with": "ensemble/stage01.safetensors", "seconds": 0.0}

@@ -16,11 +16,14 @@ from .methods import (ens_best, flow_sequence, gibbs_picks, load_test_outputs, m
 from .modelio import ModelError, save_model
 from .models.aux_cnn import AuxGenderCNN, load_aux
 from .prototypes import ProtoBank, load_prototypes, make_bank
-from .train import pick_device
+from .device import module_device, pick_device, resolve_precision
+
 
 @torch.no_grad()
 def p_male(g, x: torch.Tensor, bs: int = 256) -> np.ndarray:
-    return torch.cat([g(x[i:i + bs]).float() for i in range(0, len(x), bs)]).numpy()
+    """P(male) of a classifier on images x (any device), computed on the classifier's device."""
+    at = module_device(g)
+    return torch.cat([g(x[i:i + bs].to(at)).float().cpu() for i in range(0, len(x), bs)]).numpy()
 
 
 def auc(p: np.ndarray, y: np.ndarray) -> float:
@@ -33,7 +36,7 @@ def tmr_at(desc_orig: torch.Tensor, desc_pert: torch.Tensor, pairs, fmr: float) 
     from .evaluate.metrics import tmr_at_fmr
     if not len(pairs.genuine) or not len(pairs.impostor):
         return None
-    score = lambda pr: (desc_orig[pr[:, 0]] * desc_pert[pr[:, 1]]).sum(1).numpy()
+    score = lambda pr: (desc_orig[pr[:, 0]] * desc_pert[pr[:, 1]]).sum(1).cpu().numpy()
     return float(tmr_at_fmr(score(pairs.genuine), score(pairs.impostor), fmr))
 
 
@@ -74,14 +77,15 @@ def seen_metrics(aux: list, matcher, d: dict, seed: int) -> dict:
     return out
 
 
-def _split_data(fs, split: str, desc: torch.Tensor, bank: ProtoBank) -> tuple[np.ndarray, StageData]:
+def _split_data(fs, split: str, desc: torch.Tensor, bank: ProtoBank, device) -> tuple[np.ndarray, StageData]:
+    """One split's StageData on device: originals as uint8 [N,1,R,R] (made float per batch)."""
     rows = np.flatnonzero((fs.table["split"].to_numpy() == split) & (fs.table["gender"].to_numpy() >= 0))
     if len(rows) == 0:
         raise ValueError(f"the {split} split has no labelled face: "
                          "the 04_flowsan stage needs train, val and test faces")
-    x = to_images(fs.gray[rows])
+    x = torch.from_numpy(np.ascontiguousarray(fs.gray[rows])).unsqueeze(1)
     y = torch.from_numpy(fs.table["gender"].to_numpy()[rows]).float()
-    return rows, StageData(x, x, desc[rows], y, bank.subset(rows))
+    return rows, StageData(x, x, desc[rows], y, bank.subset(rows)).to(device)
 
 
 def load_aux_classifiers(aux_dir: Path, n: int, device="cpu") -> list[AuxGenderCNN]:
@@ -102,7 +106,8 @@ def run_flowsan_stage(P, *, faces: Path, prototypes: Path, aux: Path, out: Path,
     from .models.interfaces import load_matcher
     t_start = time.time()
     stage_dir = Path(out)
-    sp, device = P.san, pick_device(P.device)
+    device = pick_device(P.device)                    # decided once; everything below is created on it
+    sp = dataclasses.replace(P.san, precision=resolve_precision(P.san.precision, device))
     fs = load_faces(faces)
     r = fs.resolution
     protos_file = Path(prototypes)
@@ -110,29 +115,29 @@ def run_flowsan_stage(P, *, faces: Path, prototypes: Path, aux: Path, out: Path,
     if protos["gray"].shape[-1] != r:
         raise ModelError(f"{protos_file} holds {protos['gray'].shape[-1]}-px prototypes but the faces are {r} px: "
                          "re-run 02_prototypes")
-    aux = load_aux_classifiers(aux, sp.n_stages)
+    aux = load_aux_classifiers(aux, sp.n_stages, device)
     for g in aux:
         if g.resolution != r:
             raise ModelError(f"auxiliary classifier {g.name} was trained at {g.resolution} px, faces are {r} px")
-    matcher = load_matcher(sp.matcher)
+    matcher = load_matcher(sp.matcher, device)
     t0 = time.time()
     desc = cached_descriptors(matcher, sp.matcher, fs.gray, stage_dir / "descriptors.safetensors", device)
     t_desc = time.time() - t0
     t0 = time.time()
     bank = make_bank(protos, P.prototypes.channels, P.prototypes.warp, fs.landmarks)
     t_bank = time.time() - t0
-    _, train = _split_data(fs, "train", desc, bank)
-    _, valid = _split_data(fs, "val", desc, bank)
-    test_rows, test = _split_data(fs, "test", desc, bank)
+    _, train = _split_data(fs, "train", desc, bank, device)
+    _, valid = _split_data(fs, "val", desc, bank, device)
+    test_rows, test = _split_data(fs, "test", desc, bank, device)
     base = base_params(P, r)
     ckpt, hist = stage_dir / "checkpoints", stage_dir / "history"
     hist.mkdir(parents=True, exist_ok=True)
     members, ens_info = [], []
     if sp.train_ensemble:
         members, ens_info = train_ensemble(sp, P.seed, train, valid, aux, matcher, stage_dir / "ensemble", ckpt,
-                                           hist, base, device, extra_cbs)
+                                           hist, base, device, extra_cbs, gpus=P.gpus)
     stages, flow_info = train_flowsan(sp, P.seed, train, valid, aux, matcher, stage_dir / "flowsan", ckpt, hist,
-                                      base, members, device, extra_cbs, members_info=ens_info)
+                                      base, members, device, extra_cbs, members_info=ens_info, gpus=P.gpus)
     prov = {"name": sp.matcher, **getattr(matcher, "provenance", {})}
     meta = {"params": {"seed": P.seed, "san": dataclasses.asdict(sp), "prototypes": dataclasses.asdict(P.prototypes),
                        "aux": dataclasses.asdict(P.aux)}, "matcher": prov}
@@ -141,11 +146,11 @@ def run_flowsan_stage(P, *, faces: Path, prototypes: Path, aux: Path, out: Path,
         save_model(stage_dir / "ensemble", "ensemble", members, protos_file, meta["params"], prov, aux[:1])
     # test split: every method's sequence, then the seen networks' quick check
     t0 = time.time()
-    flow_out = flow_sequence(stages, test.original, test.bank, test.y, device=device)
-    mem_out = member_outputs(members, test.original, test.bank, test.y, device=device)
+    flow_out = flow_sequence(stages, test.original, test.bank, test.y, device=device, precision="fp32")
+    mem_out = member_outputs(members, test.original, test.bank, test.y, device=device, precision="fp32")
     empty = np.zeros((0, len(test_rows), r, r), np.uint8)
     picks = gibbs_picks(len(test_rows), len(members), P.seed) if members else np.zeros((0, len(test_rows)), np.int64)
-    write_test_outputs(stage_dir / "outputs_test.npz", test_rows, test.y.numpy().astype(int),
+    write_test_outputs(stage_dir / "outputs_test.npz", test_rows, test.y.cpu().numpy().astype(int),
                        fs.table["identity"].to_numpy()[test_rows], to_uint8(test.original),
                        np.stack([to_uint8(x) for x in flow_out]),
                        np.stack([to_uint8(x) for x in mem_out]) if mem_out else empty, picks)
@@ -155,6 +160,7 @@ def run_flowsan_stage(P, *, faces: Path, prototypes: Path, aux: Path, out: Path,
     metrics = {
         "resolution": r, "n_train": len(train), "n_val": len(valid), "n_test": len(test_rows),
         "n_stages": sp.n_stages, "epochs": sp.epochs, "precision": sp.precision, "matcher": sp.matcher,
+        "device": str(device), "gpus": P.gpus,
         "seconds": {"descriptors": round(t_desc, 2), "prototype_bank": round(t_bank, 2),
                     "flowsan_train": [s.get("seconds", 0.0) for s in flow_info],
                     "flowsan_transform": [s["transform_seconds"] for s in flow_info],

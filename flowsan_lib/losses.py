@@ -63,7 +63,11 @@ class SanLoss(nn.Module):
     """J = w_pixel J_D + w_match J_M + w_gender J_G with frozen G_i and M; fastai loss function.
 
     Called as loss(preds, target_pixels, desc_orig, y) with preds = (I'_sm, I'_op). `last` keeps the
-    unweighted terms of the last call (floats) for the history; `use_match` is switched by the warm-up.
+    unweighted terms of the last call (detached 0-d tensors on the loss's device: reading them as floats
+    is a host sync, done once per epoch by the history); `use_match` is switched by the warm-up.
+    `match_scale`: the number of data-parallel processes. J_M is summed over the batch, and DDP averages
+    the processes' gradients, so each process weighs its share of the sum by it: the mean of the
+    processes' losses is then the loss of one process on the whole global batch (also in `last`).
     """
 
     def __init__(self, gender: nn.Module, matcher: nn.Module | None = None, w_pixel: float = 1.0,
@@ -75,7 +79,8 @@ class SanLoss(nn.Module):
         self.pixel, self.pixel_target = pixel, pixel_target
         self.match_reduction, self.gender_target = match_reduction, gender_target
         self.use_match = True
-        self.last: dict[str, float] = {}
+        self.match_scale = 1
+        self.last: dict[str, torch.Tensor] = {}
 
     def forward(self, preds, target_pixels, desc_orig, y):
         out_sm, out_op = preds
@@ -88,9 +93,11 @@ class SanLoss(nn.Module):
         if self.use_match and self.w_match and self.matcher is not None:
             d = self.matcher(both)
             j_m = match_loss(d[:n], d[n:], desc_orig, self.match_reduction)
+            if self.match_reduction == "sum":
+                j_m = j_m * self.match_scale
         j_g = zero
         if self.w_gender:
             z = gender_logit(self.gender, both)
             j_g = gender_loss(z[:n], z[n:], y, self.gender_target)
-        self.last = {"J_D": float(j_d.detach()), "J_M": float(j_m.detach()), "J_G": float(j_g.detach())}
+        self.last = {"J_D": j_d.detach(), "J_M": j_m.detach(), "J_G": j_g.detach()}
         return self.w_pixel * j_d + self.w_match * j_m + self.w_gender * j_g

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .device import autocast, module_device, require_on, resolve_precision, same_device
 from .models.san import SAN
 from .prototypes import ProtoBank
 from .train import derive_seed
@@ -21,36 +22,57 @@ def to_images(gray: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(gray)).float().div(255).unsqueeze(1)
 
 
+def as_float(x: torch.Tensor) -> torch.Tensor:
+    """uint8 images (0..255) -> float in [0,1]; float images unchanged."""
+    return x.float().div(255) if x.dtype == torch.uint8 else x
+
+
 def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """float [N,1,R,R] in [0,1] -> uint8 [N,R,R] (rounded)."""
-    return x.squeeze(1).mul(255).round().clamp(0, 255).to(torch.uint8).numpy()
+    """float [N,1,R,R] in [0,1] (or uint8) -> uint8 [N,R,R] (rounded), on the host."""
+    if x.dtype == torch.uint8:
+        return x.squeeze(1).cpu().numpy()
+    return x.squeeze(1).mul(255).round().clamp(0, 255).to(torch.uint8).cpu().numpy()
 
 
 @torch.no_grad()
 def apply_san(san: SAN, x: torch.Tensor, bank: ProtoBank, y: torch.Tensor, bs: int = 128,
-              device="cpu") -> torch.Tensor:
-    """I' = SAN(x; P_sm, P_op)_op for every row, fp32, in batches: the transform between stages."""
-    san = san.to(device).eval()
+              device=None, precision: str = "auto") -> torch.Tensor:
+    """I' = SAN(x; P_sm, P_op)_op for every row, in batches: the transform between stages.
+
+    Runs on the SAN's device (`device`, if given, must be it; nothing moves the SAN), batches of x
+    (uint8 or float, any device) are copied there, and the float result is returned on x's device.
+    precision: auto (bf16 autocast on a GPU, fp32 on the CPU: anonymize, attacks), fp32 (what 04_flowsan
+    uses for its test outputs and the training-set transform, float32 as CONTRACTS.md says), or bf16.
+    """
+    at = module_device(san)
+    if device is not None and not same_device(at, device):
+        require_on(san, torch.device(device), "the SAN")
+    san.eval()
+    prec = resolve_precision(precision, at)
     out = []
     for i in range(0, len(x), bs):
-        rows = torch.arange(i, min(i + bs, len(x)))
+        rows = torch.arange(i, min(i + bs, len(x)), device=x.device)
         p_sm, p_op = bank.pair(rows, y[rows])
-        out.append(san.perturb(x[rows].to(device), p_sm.to(device), p_op.to(device)).float().cpu())
-    return torch.cat(out) if out else x.clone()
+        with autocast(at, prec):
+            o = san.perturb(as_float(x[rows].to(at)), p_sm.to(at), p_op.to(at))
+        out.append(o.float().to(x.device))
+    return torch.cat(out) if out else as_float(x).clone()
 
 
-def flow_sequence(stages: list[SAN], x, bank, y, t: int | None = None, device="cpu") -> list[torch.Tensor]:
-    """Psi(I, 1..t): each stage perturbs the previous stage's output."""
+def flow_sequence(stages: list[SAN], x, bank, y, t: int | None = None, device=None,
+                  precision: str = "auto") -> list[torch.Tensor]:
+    """Psi(I, 1..t): each stage perturbs the previous stage's output (chained in float)."""
     outs, cur = [], x
     for san in stages[:t]:
-        cur = apply_san(san, cur, bank, y, device=device)
+        cur = apply_san(san, cur, bank, y, device=device, precision=precision)
         outs.append(cur)
     return outs
 
 
-def member_outputs(members: list[SAN], x, bank, y, t: int | None = None, device="cpu") -> list[torch.Tensor]:
+def member_outputs(members: list[SAN], x, bank, y, t: int | None = None, device=None,
+                   precision: str = "auto") -> list[torch.Tensor]:
     """Each ensemble member applied to the unmodified images."""
-    return [apply_san(m, x, bank, y, device=device) for m in members[:t]]
+    return [apply_san(m, x, bank, y, device=device, precision=precision) for m in members[:t]]
 
 
 def ens_avg(outputs, t: int):

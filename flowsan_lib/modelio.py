@@ -132,8 +132,8 @@ class FlowModel:
             raise ModelError(f"need one gender label (1 = male, 0 = female) per image, got shape {list(y.shape)}")
         bank = self.bank(landmarks)
         if self.kind == "flowsan":
-            return flow_sequence(self.stages, x, bank, y, t)
-        return member_outputs(self.stages, x, bank, y, t)
+            return flow_sequence(self.stages, x, bank, y, t, precision="fp32")
+        return member_outputs(self.stages, x, bank, y, t, precision="fp32")
 
     def anonymize(self, x: torch.Tensor, y: torch.Tensor, landmarks=None, t: int | None = None,
                   seed: int = 0) -> torch.Tensor:

@@ -31,6 +31,7 @@ from .layout import MARKER, NOTEBOOK_DIR, PROJECT_ROOT, STAGES, RunLayout, Stage
 
 log = logging.getLogger("flowsan.run")
 GLOBAL_KEYS = ("seed",)  # top-level params that change every stage's result
+EXECUTION_KEYS = ("gpus",)  # how a run executes, not what it computes: may change between runs of a folder
 LIBRARY = PROJECT_ROOT / "flowsan_lib"
 
 
@@ -177,7 +178,8 @@ def check_params_change(run: RunLayout, params: config.RunParams, force: bool) -
         old = config.from_dict(yaml.safe_load(run.params_file.read_text()) or {}, str(run.params_file))
     except (config.ParamError, yaml.YAMLError) as e:
         raise RunError(f"{run.params_file} is damaged ({e}); pass --force to replace it") from None
-    if config.to_dict(old) != config.to_dict(params) and not force:
+    same = lambda p: {k: v for k, v in config.to_dict(p).items() if k not in EXECUTION_KEYS}
+    if same(old) != same(params) and not force:
         raise RunError(f"{run.root} already holds a run with other parameters; "
                        "choose another --run-name, or pass --force to re-run changed stages")
 
@@ -226,8 +228,10 @@ def _file_handler(run: RunLayout) -> logging.Handler:
 def run(preset: str, run_name: str | None = None, only=None, from_stage: str | None = None,
         overrides: dict | None = None, force: bool = False, stages=STAGES,
         notebook_dir: Path = NOTEBOOK_DIR, output_dir: Path | None = None,
-        fetch_models: bool = True, report: bool = True) -> RunResult:
-    """Run the pipeline on a preset; skip up-to-date stages; build the report."""
+        fetch_models: bool = True, report: bool = True, gpus: int | None = None) -> RunResult:
+    """Run the pipeline on a preset; skip up-to-date stages; build the report. gpus: data-parallel processes."""
+    if gpus is not None:
+        overrides = {**(overrides or {}), "gpus": gpus}
     params = config.load(preset, overrides)          # rejects bad params before any work
     selected, forced = select_stages(stages, only, from_stage)
     run_layout = RunLayout.named(run_name or config.preset_path(preset).stem, output_dir)
@@ -235,6 +239,8 @@ def run(preset: str, run_name: str | None = None, only=None, from_stage: str | N
     if fetch_models and any(s.uses_models for s in selected):
         from .models.fetch import check_cache
         check_cache()                                 # by hash, without fetching: `flowsan models fetch` fetches
+    from .device import check_run_device
+    check_run_device(params.device, params.gpus)      # device: cuda without a GPU, --gpus 4 on 2: refused here
     with run_lock(run_layout):
         handler = _file_handler(run_layout)
         log.addHandler(handler)

@@ -148,16 +148,21 @@ class ProtoBank:
         return self.shared.shape[1]
 
     def subset(self, rows) -> "ProtoBank":
-        rows = torch.as_tensor(rows, dtype=torch.long)
-        return ProtoBank(self.shared, None if self.per_face is None else self.per_face[rows])
+        if self.per_face is None:
+            return ProtoBank(self.shared)
+        return ProtoBank(self.shared, self.per_face[torch.as_tensor(rows, dtype=torch.long, device=self.per_face.device)])
+
+    def to(self, device) -> "ProtoBank":
+        """The bank on device (uint8 per-face prototypes stay uint8)."""
+        return ProtoBank(self.shared.to(device), None if self.per_face is None else self.per_face.to(device))
 
     def pair(self, rows: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(P_sm, P_op) [B,C,R,R] for faces `rows` with gender labels y (0/1)."""
-        y = y.long()
+        """(P_sm, P_op) [B,C,R,R] for faces `rows` with gender labels y (0/1), on the bank's device."""
+        y = y.long().to(self.shared.device)
         if self.per_face is None:
             return self.shared[y], self.shared[1 - y]
-        pf = self.per_face[rows]
-        ar = torch.arange(len(rows))
+        pf = self.per_face[rows.to(self.per_face.device)]
+        ar = torch.arange(len(rows), device=pf.device)
         return pf[ar, y].float() / 255, pf[ar, 1 - y].float() / 255
 
 

@@ -26,12 +26,23 @@ from fastai.optimizer import Adam
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .device import DeviceError, oom_message, pick_device, resolve_precision  # noqa: F401  (pick_device: one for all)
 
-def pick_device(name: str = "auto") -> torch.device:
-    """'auto' -> cuda when available, else cpu."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+
+def rank() -> int:
+    """This process's rank in data-parallel training (0 when not distributed)."""
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def world() -> int:
+    """Number of data-parallel processes (1 when not distributed)."""
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def plain_model(model):
+    """The module under a DistributedDataParallel wrapper (its state_dict keys are the plain ones)."""
+    from torch.nn.parallel import DistributedDataParallel
+    return model.module if isinstance(model, DistributedDataParallel) else model
 
 
 def derive_seed(seed: int, *tags) -> int:
@@ -53,18 +64,46 @@ class TensorLoader(DataLoader):
 
     Shuffling is a permutation seeded by (seed, epoch), with `epoch` set by `EpochSeed`, so the
     order of epoch k does not depend on how many epochs this process has already run.
+    `world` > 1 (data parallel): `bs` is the global batch; every process draws the same permutation
+    and takes its slice of each global batch (process r: rows r*bs/world..(r+1)*bs/world of it), so
+    the processes together see exactly the batches one process would.
+    Batches are built by `batch_fn` on the device of its tensors, and what fastai detaches for its
+    recorder stays there (no copy to the host, hence no sync, per step).
     """
 
     def __init__(self, n: int, batch_fn: Callable, bs: int, shuffle: bool = False, seed: int = 0,
-                 device=None, drop_last: bool | None = None):
+                 device=None, drop_last: bool | None = None, rank: int = 0, world: int = 1):
         if n == 0:
             raise ValueError("cannot build a data loader over 0 rows")
+        if bs % world:
+            raise ValueError(f"global batch {bs} does not split over {world} processes")
         drop_last = (shuffle and n > bs) if drop_last is None else drop_last
-        super().__init__(_Rows(n), bs=bs, shuffle=shuffle, drop_last=drop_last, num_workers=0, device=device)
+        super().__init__(_Rows(n), bs=bs // world, shuffle=shuffle, drop_last=drop_last, num_workers=0,
+                         device=device)
         self.batch_fn, self.seed, self.epoch = batch_fn, seed, 0
+        self.global_bs, self.rank, self.world = bs, rank, world
 
     def shuffle_fn(self, idxs):
         return list(np.random.default_rng([self.seed, self.epoch]).permutation(len(idxs)))
+
+    def get_idxs(self):
+        idxs = super().get_idxs()
+        if self.world == 1:
+            return idxs
+        B, b = self.global_bs, self.bs
+        n = len(idxs) // B * B if self.drop_last else len(idxs)
+        if n % B:
+            raise ValueError(f"{n} rows do not split into global batches of {B}: data parallel needs drop_last")
+        return [i for k in range(0, n, B) for i in idxs[k + self.rank * b:k + (self.rank + 1) * b]]
+
+    def __len__(self):
+        if self.world == 1:
+            return super().__len__()
+        return self.n // self.global_bs if self.drop_last else -(-self.n // self.global_bs)
+
+    def to_detach(self, b, cpu=True, gather=True):
+        from fastai.torch_core import to_detach
+        return to_detach(b, cpu=False, gather=False)
 
     def create_batch(self, b):
         return self.batch_fn(torch.as_tensor(np.asarray(b, dtype=np.int64)))
@@ -119,20 +158,45 @@ class Autocast(Callback):
 
 
 class NaNGuard(Callback):
-    """Stop with a clear error when the loss is not finite (instead of training on garbage)."""
+    """Stop with a clear error when the loss is not finite (instead of training on garbage).
+
+    On the CPU it checks every batch. On a GPU, reading the loss would stall the device every step,
+    so the first non-finite batch is noted on the device and checked at the end of the epoch (before
+    the checkpoint is written, so no NaN weights are saved).
+    """
     order = 15
 
     def __init__(self, tag: str = ""):
         self.tag = tag
 
+    def before_epoch(self):
+        self.bad = None
+
     def after_loss(self):
-        if not torch.isfinite(self.loss).all():
-            parts = getattr(self.loss_func, "last", {})
-            detail = ", ".join(f"{k}={v:.4g}" for k, v in parts.items())
-            raise FloatingPointError(f"{self.tag}: loss became {self.loss.item()} at epoch {self.epoch + 1}, "
-                                     f"batch {self.iter + 1} ({'train' if self.training else 'valid'})"
-                                     + (f"; terms {detail}" if detail else "") +
-                                     ". Lower the learning rate, use precision fp32, or check the inputs.")
+        loss = self.loss.detach()
+        if loss.device.type == "cpu":
+            if not torch.isfinite(loss).all():
+                self._raise(self.iter, self.training, loss.item())
+            return
+        bad = ~torch.isfinite(loss).all()
+        here = torch.tensor([self.iter, int(self.training)], device=loss.device)
+        if self.bad is None:
+            self.bad = torch.full((2,), -1, device=loss.device, dtype=here.dtype)
+        self.bad = torch.where(bad & (self.bad[0] < 0), here, self.bad)
+
+    def after_epoch(self):
+        if self.bad is not None:
+            it, training = self.bad.tolist()           # one host sync per epoch
+            if it >= 0:
+                self._raise(it, bool(training), float("nan"))
+
+    def _raise(self, it: int, training: bool, value: float):
+        parts = getattr(self.loss_func, "last", {})
+        detail = ", ".join(f"{k}={float(v):.4g}" for k, v in parts.items())
+        raise FloatingPointError(f"{self.tag}: loss became {value} at epoch {self.epoch + 1}, "
+                                 f"batch {it + 1} ({'train' if training else 'valid'})"
+                                 + (f"; terms {detail}" if detail else "") +
+                                 ". Lower the learning rate, use precision fp32, or check the inputs.")
 
 
 class _EpochAware(Callback):
@@ -146,7 +210,12 @@ class _EpochAware(Callback):
 
 
 class History(_EpochAware):
-    """Per-epoch means of the loss and its terms (train and valid) appended to a CSV file."""
+    """Per-epoch means of the loss and its terms (train and valid) appended to a CSV file.
+
+    Sums stay on the device during the epoch (no host sync per step); data-parallel processes add
+    theirs together at the end of the epoch (each validates the whole set, which leaves the validation
+    means as they are), and only process 0 writes the file.
+    """
     order = 60
 
     def __init__(self, path: Path, start_epoch: int = 0):
@@ -170,10 +239,10 @@ class History(_EpochAware):
             return
         split = "train" if self.training else "valid"
         n = self.xb[0].shape[0]
-        terms = {"loss": float(self.loss.detach()), **getattr(self.loss_func, "last", {})}
+        terms = {"loss": self.loss.detach(), **getattr(self.loss_func, "last", {})}
         for k, v in terms.items():
             s = self.sums.setdefault(f"{split}_{k}", [0.0, 0])
-            s[0] += v * n
+            s[0] = s[0] + torch.as_tensor(v).detach().float() * n
             s[1] += n
 
     def after_epoch(self):
@@ -181,11 +250,21 @@ class History(_EpochAware):
             return
         row = {"epoch": self.epoch + 1, "seconds": round(time.time() - self.t0, 3)}
         order = lambda k: (k.split("_", 1)[0], k.split("_", 1)[1] != "loss", k)  # loss first in each split
-        row.update({k: self.sums[k][0] / max(self.sums[k][1], 1) for k in sorted(self.sums, key=order)})
+        keys = sorted(self.sums, key=order)
+        if keys:
+            t = torch.stack([torch.as_tensor(self.sums[k][0]).float() for k in keys] +
+                            [torch.tensor(float(self.sums[k][1]), device=torch.as_tensor(self.sums[k][0]).device)
+                             for k in keys])
+            if world() > 1:
+                torch.distributed.all_reduce(t)
+            vals = t.tolist()                          # one host sync per epoch
+            row.update({k: vals[i] / max(vals[len(keys) + i], 1) for i, k in enumerate(keys)})
         self.rows.append(row)
         self._write()
 
     def _write(self):
+        if rank() > 0:
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if not self.rows:
             self.path.write_text("")
@@ -209,12 +288,14 @@ class TextProgress(_EpochAware):
         self.t0 = self.last = time.time()
 
     def after_batch(self):
-        if self.training and not self.skipped and time.time() - self.last > self.every:
+        if rank() == 0 and self.training and not self.skipped and time.time() - self.last > self.every:
             self.last = time.time()
             print(f"[{self.tag}] epoch {self.epoch + 1}/{self.n_epoch} batch {self.iter + 1}/{self.n_iter} "
                   f"loss {self.loss.item():.4f} ({self.last - self.t0:.0f} s)", flush=True)
 
     def after_epoch(self):
+        if rank() > 0:
+            return
         if self.skipped:
             print(f"[{self.tag}] epoch {self.epoch + 1}/{self.n_epoch} already done (resumed)", flush=True)
             return
@@ -237,7 +318,7 @@ class Checkpoint(_EpochAware):
         self.folder, self.params, self.keep = Path(folder), params, keep
 
     def after_epoch(self):
-        if self.skipped:
+        if self.skipped or rank() > 0:                 # data parallel: the processes hold the same weights
             return
         self.folder.mkdir(parents=True, exist_ok=True)
         save_checkpoint(self.learn, self.folder / f"epoch{self.epoch + 1:02d}.safetensors",
@@ -284,7 +365,7 @@ class Augment(Callback):
 
 def save_checkpoint(learn: Learner, path: Path, meta: dict) -> None:
     """Model weights (`model.*`), optimizer state (`opt.i.key`), JSON metadata; atomic write."""
-    tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in learn.model.state_dict().items()}
+    tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in plain_model(learn.model).state_dict().items()}
     scalars = {}
     if learn.opt is not None:
         for i, st in enumerate(learn.opt.state_dict()["state"]):
@@ -305,7 +386,7 @@ def load_checkpoint(learn: Learner, path: Path) -> dict:
         md = f.metadata() or {}
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     dev = next(learn.model.parameters()).device
-    learn.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    plain_model(learn.model).load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     if learn.opt is None:
         learn.create_opt()
     sd = learn.opt.state_dict()
@@ -340,8 +421,15 @@ def original_adam():
 
 
 def build_learner(model, dls: DataLoaders, loss_func, cbs=(), precision: str = "fp32") -> Learner:
-    """A Learner without fastai's widget progress bar (our text lines read well in logs)."""
+    """A Learner without fastai's widget progress bar (our text lines read well in logs).
+
+    precision: fp32 or bf16 (autocast around forward and loss; `resolve_precision` turns auto into one).
+    In a data-parallel process (`parallel.launch`) fastai's DistributedTrainer wraps the model in torch DDP.
+    """
     cbs = list(cbs)
+    if world() > 1:
+        from .parallel import DataParallel
+        cbs.append(DataParallel(dls.device))
     if precision == "bf16":
         cbs.append(Autocast())
     learn = Learner(dls, model, loss_func=loss_func, opt_func=original_adam(), cbs=cbs, train_bn=False)
@@ -353,8 +441,12 @@ def build_learner(model, dls: DataLoaders, loss_func, cbs=(), precision: str = "
 
 
 def fit_resumable(learn: Learner, epochs: int, lr: float, ckpt_dir: Path, params: dict, tag: str,
-                  history: Path, seed: int, one_cycle: bool = False, extra_cbs=()) -> dict:
-    """Fit for `epochs`, resuming from the newest checkpoint in ckpt_dir; returns a summary."""
+                  history: Path, seed: int, one_cycle: bool = False, extra_cbs=(),
+                  batch_param: str = "san.batch_size") -> dict:
+    """Fit for `epochs`, resuming from the newest checkpoint in ckpt_dir; returns a summary.
+
+    batch_param: the parameter an out-of-memory error on the GPU names.
+    """
     done, path = last_checkpoint(ckpt_dir)
     if done > epochs:
         raise ValueError(f"{ckpt_dir} holds {done} epochs but this run asks for {epochs}: "
@@ -368,16 +460,16 @@ def fit_resumable(learn: Learner, epochs: int, lr: float, ckpt_dir: Path, params
     cbs = [EpochSeed(seed), History(history, done), TextProgress(tag), NaNGuard(tag), Checkpoint(ckpt_dir, params),
            *extra_cbs]
     if done < epochs:
-        if one_cycle:
-            learn.fit_one_cycle(epochs, lr, cbs=cbs, start_epoch=done)
-        else:
-            learn.fit(epochs, lr, cbs=cbs, start_epoch=done)
+        try:
+            if one_cycle:
+                learn.fit_one_cycle(epochs, lr, cbs=cbs, start_epoch=done)
+            else:
+                learn.fit(epochs, lr, cbs=cbs, start_epoch=done)
+        except torch.cuda.OutOfMemoryError:
+            bs = getattr(learn.dls.train, "global_bs", learn.dls.train.bs)
+            raise DeviceError(oom_message(batch_param, bs, learn.dls.device)) from None
     # training time of all epochs, including those done before an interruption (validation included)
-    seconds = 0.0
-    if Path(history).exists():
-        with open(history) as f:
-            seconds = sum(float(r["seconds"]) for r in csv.DictReader(f))
-    return {"epochs": epochs, "resumed_after": done, "seconds": round(seconds, 3)}
+    return {"epochs": epochs, "resumed_after": done, "seconds": history_seconds(history)}
 
 
 
@@ -386,40 +478,97 @@ def fit_resumable(learn: Learner, epochs: int, lr: float, ckpt_dir: Path, params
 
 # --- the 03_aux_classifiers stage ------------------------------------------------------------
 
-def gray_batch_fn(gray: np.ndarray, y: np.ndarray, rows: np.ndarray):
-    """Batch builder for classifier training over dataset rows: (x float [B,1,R,R], y long [B])."""
-    g = torch.from_numpy(np.ascontiguousarray(gray))
-    t = torch.tensor(np.asarray(y), dtype=torch.int64)
-    r = torch.tensor(np.asarray(rows), dtype=torch.int64)
+def gray_batch_fn(gray, y: np.ndarray, rows: np.ndarray, device="cpu"):
+    """Batch builder for classifier training over dataset rows: (x float [B,1,R,R], y long [B]).
+
+    The images stay uint8 on device (the whole training set on a GPU) and become float per batch.
+    gray: uint8 [N,R,R] array or tensor (pass one tensor to share it between loaders).
+    """
+    g = torch.as_tensor(np.ascontiguousarray(gray) if isinstance(gray, np.ndarray) else gray).to(device)
+    t = torch.tensor(np.asarray(y), dtype=torch.int64, device=device)
+    r = torch.tensor(np.asarray(rows), dtype=torch.int64, device=device)
 
     def fn(idx):
-        sel = r[idx]
+        sel = r[idx.to(r.device)]
         return g[sel].float().div(255).unsqueeze(1), t[sel]
     return fn
 
 
 def train_aux(net, gray: np.ndarray, y: np.ndarray, train_rows, valid_rows, ap, *, seed: int, tag: str,
-              ckpt_dir: Path, history: Path, params: dict, device="cpu") -> dict:
-    """Train one auxiliary gender CNN (fastai one-cycle, CrossEntropy on its two logits)."""
+              ckpt_dir: Path, history: Path, params: dict, device="cpu", gpus: int = 1) -> dict:
+    """Train one auxiliary gender CNN (fastai one-cycle, CrossEntropy on its two logits), on net's device.
+
+    gpus > 1: data parallel in that many processes (ap.batch_size is the global batch); the weights are
+    read back from the last per-epoch checkpoint.
+    """
+    from .device import require_on
+    device = torch.device(device)
+    require_on(net, device, f"auxiliary classifier {getattr(net, 'name', '')}")
+    if gpus <= 1:
+        return _fit_aux(net, gray, y, train_rows, valid_rows, ap, seed=seed, tag=tag, ckpt_dir=ckpt_dir,
+                        history=history, params=params, device=device)
+    import copy
+
+    from safetensors.torch import load_file
+
+    from .parallel import launch
+    done_before, _ = last_checkpoint(ckpt_dir)
+    launch(_aux_worker, gpus, copy.deepcopy(net).cpu(), np.asarray(gray), np.asarray(y), np.asarray(train_rows),
+           np.asarray(valid_rows), ap, dict(seed=seed, tag=tag, ckpt_dir=ckpt_dir, history=history, params=params),
+           device.type, use_cuda=device.type == "cuda")
+    done, path = last_checkpoint(ckpt_dir)
+    if path is None or done < ap.epochs:
+        raise RuntimeError(f"{tag}: data-parallel training ended without a checkpoint of epoch {ap.epochs}")
+    net.load_state_dict({k[len("model.net."):]: v for k, v in load_file(str(path)).items()
+                         if k.startswith("model.net.")})
+    net.eval()
+    return {"epochs": ap.epochs, "resumed_after": done_before, "seconds": history_seconds(history), "gpus": gpus}
+
+
+def history_seconds(history: Path) -> float:
+    """Seconds of every epoch in a History CSV (those before an interruption too)."""
+    if not Path(history).exists() or Path(history).stat().st_size == 0:
+        return 0.0
+    with open(history) as f:
+        return round(sum(float(r["seconds"]) for r in csv.DictReader(f)), 3)
+
+
+def _aux_worker(net, gray, y, train_rows, valid_rows, ap, kw: dict, device_type: str):
+    """One data-parallel process of auxiliary-classifier training (parallel.launch)."""
+    device = pick_device(device_type)
+    _fit_aux(net.to(device), gray, y, train_rows, valid_rows, ap, device=device, **kw)
+
+
+def _fit_aux(net, gray, y, train_rows, valid_rows, ap, *, seed: int, tag: str, ckpt_dir: Path, history: Path,
+             params: dict, device) -> dict:
     from torch import nn
 
     from .models.aux_cnn import LogitsView
-    device = torch.device(device)
-    tl = TensorLoader(len(train_rows), gray_batch_fn(gray, y, train_rows), ap.batch_size, shuffle=True,
-                      seed=seed, device=device)
-    vl = TensorLoader(len(valid_rows), gray_batch_fn(gray, y, valid_rows), max(ap.batch_size, 128), device=device)
+    g = torch.from_numpy(np.ascontiguousarray(gray)).to(device)       # uint8, once, shared by both loaders
+    tl = TensorLoader(len(train_rows), gray_batch_fn(g, y, train_rows, device), ap.batch_size, shuffle=True,
+                      seed=seed, device=device, rank=rank(), world=world())
+    vl = TensorLoader(len(valid_rows), gray_batch_fn(g, y, valid_rows, device), max(ap.batch_size, 128),
+                      device=device)
     cbs = [Augment(seed)] if ap.augment else []
-    learn = build_learner(LogitsView(net).to(device), make_dls(tl, vl, n_inp=1), nn.CrossEntropyLoss(), cbs)
-    summary = fit_resumable(learn, ap.epochs, ap.lr, ckpt_dir, params, tag, history, seed, one_cycle=True)
-    net.cpu().eval()
+    if device.type == "cuda":
+        net.to(memory_format=torch.channels_last)
+    learn = build_learner(LogitsView(net), make_dls(tl, vl, n_inp=1), nn.CrossEntropyLoss(), cbs,
+                          precision=resolve_precision(getattr(ap, "precision", "fp32"), device))
+    summary = fit_resumable(learn, ap.epochs, ap.lr, ckpt_dir, params, tag, history, seed, one_cycle=True,
+                            batch_param="aux.batch_size")
+    net.eval()
     return summary
 
 
 @torch.no_grad()
 def predict_p_male(net, gray: np.ndarray, bs: int = 256) -> np.ndarray:
+    """P(male) of a classifier on uint8 faces, computed on the classifier's device."""
+    from .device import module_device
     net.eval()
+    at = module_device(net)
     x = torch.from_numpy(np.ascontiguousarray(gray))
-    return torch.cat([net(x[i:i + bs].float().div(255).unsqueeze(1)) for i in range(0, len(x), bs)]).numpy()
+    return torch.cat([net(x[i:i + bs].to(at).float().div(255).unsqueeze(1)).float().cpu()
+                      for i in range(0, len(x), bs)]).numpy()
 
 
 def disagreement(p: np.ndarray) -> dict:
@@ -438,7 +587,7 @@ def run_aux_stage(P, *, faces: Path, out: Path) -> dict:
     from .models.aux_cnn import AuxGenderCNN, load_aux, save_aux
     from .resample import resampled_sets
     t_start = time.time()
-    stage_dir, ap, device = Path(out), P.aux, pick_device(P.device)
+    stage_dir, ap, device = Path(out), P.aux, pick_device(P.device)  # decided once; everything is created on it
     fs = load_faces(faces)
     tab = fs.table
     y = tab["gender"].to_numpy()
@@ -456,7 +605,7 @@ def run_aux_stage(P, *, faces: Path, out: Path) -> dict:
         path = stage_dir / f"aux{i:02d}.safetensors"
         params = {**base, "classifier": i}
         if path.exists():
-            net = load_aux(path)
+            net = load_aux(path, device)
             if net.provenance.get("params") != params:
                 raise ValueError(f"{path} was trained with different parameters; delete it to retrain")
             print(f"[aux G{i:02d}] done earlier ({path.name}); loaded", flush=True)
@@ -465,14 +614,14 @@ def run_aux_stage(P, *, faces: Path, out: Path) -> dict:
             continue
         seed = derive_seed(P.seed, "aux", i)
         torch.manual_seed(seed)
-        net = AuxGenderCNN(fs.resolution, ap.arch, name=f"G{i:02d}")
+        net = AuxGenderCNN(fs.resolution, ap.arch, name=f"G{i:02d}").to(device)  # CPU init, then on device
         s = train_aux(net, fs.gray, y, train_rows, rows["val"], ap, seed=seed, tag=f"aux G{i:02d}",
                       ckpt_dir=stage_dir / "checkpoints" / f"aux{i:02d}",
-                      history=stage_dir / "history" / f"aux{i:02d}.csv", params=params, device=device)
+                      history=stage_dir / "history" / f"aux{i:02d}.csv", params=params, device=device, gpus=P.gpus)
         net.provenance = {"stage": "03_aux_classifiers", "params": params, "seconds": s["seconds"],
                           "train_size": int(len(train_rows))}
         save_aux(net, path)
-        nets.append(load_aux(path))
+        nets.append(load_aux(path, device))
         seconds.append(s["seconds"])
     p_val = np.stack([predict_p_male(n, fs.gray[rows["val"]]) for n in nets])
     p_test = np.stack([predict_p_male(n, fs.gray[rows["test"]]) for n in nets])

@@ -11,14 +11,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..device import pick_device, require_on  # noqa: F401  (pick_device: the library's one)
 from . import classical, inhouse
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    """'auto' -> cuda when available, else cpu."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def _batches(images, batch_size: int, device):
@@ -49,7 +43,7 @@ class TorchClassifier:
 
     @torch.no_grad()
     def p_male(self, images) -> np.ndarray:
-        self.module.to(self.device)
+        require_on(self.module, self.device, f"classifier {self.name}")
         out = [self.module(b).float().cpu() for b in _batches(images, self.batch_size, self.device)]
         return torch.cat(out).numpy().astype(np.float64) if out else np.zeros(0)
 
@@ -72,7 +66,7 @@ class TorchMatcher:
 
     @torch.no_grad()
     def describe(self, images) -> np.ndarray:
-        self.module.to(self.device)
+        require_on(self.module, self.device, f"matcher {self.name}")
         out = [self.module(b).float().cpu() for b in _batches(images, self.batch_size, self.device)]
         d = torch.cat(out) if out else torch.zeros(0, 1)
         return torch.nn.functional.normalize(d, dim=1).numpy()   # cosine = dot product
@@ -81,7 +75,7 @@ class TorchMatcher:
 def pretrained_classifiers(names, device) -> list[TorchClassifier]:
     """The pretrained unseen gender classifiers named in EvalParams.classifiers."""
     from ..models import load_gender_classifier
-    return [TorchClassifier(load_gender_classifier(n), "pretrained", False, device=device) for n in names]
+    return [TorchClassifier(load_gender_classifier(n, device), "pretrained", False, device=device) for n in names]
 
 
 # matchers that are the same network: face-api's FaceRecognitionNet is a uint8-quantized copy of
@@ -98,7 +92,7 @@ def is_seen_matcher(name: str, aux_matcher: str) -> bool:
 def matchers(names, aux_matcher: str, device) -> list[TorchMatcher]:
     """The face matchers named in EvalParams.matchers; the auxiliary matcher and its copies are flagged seen."""
     from ..models import load_matcher
-    return [TorchMatcher(load_matcher(n), seen=is_seen_matcher(n, aux_matcher), device=device) for n in names]
+    return [TorchMatcher(load_matcher(n, device), seen=is_seen_matcher(n, aux_matcher), device=device) for n in names]
 
 
 def inhouse_classifiers(faces_gray, source, split, is_male, epochs: int, folder, device, seed: int,
@@ -117,7 +111,7 @@ def inhouse_classifiers(faces_gray, source, split, is_male, epochs: int, folder,
                 name, arch, faces_gray[tr], is_male[tr], faces_gray[va], is_male[va], epochs,
                 device=str(device), seed=seed, provenance={"train_sources": "+".join(srcs)})
             inhouse.save_cnn(model, folder)
-        out.append(TorchClassifier(model, "inhouse", False, device=device))
+        out.append(TorchClassifier(model.to(device), "inhouse", False, device=device))  # its own copy, on device
     return out, history
 
 
@@ -134,4 +128,4 @@ def auxiliary_classifiers(aux_dir, n: int, device) -> list[TorchClassifier]:
     """The SANs' own auxiliary classifiers G_1..G_n, flagged seen: a reference, never in summaries."""
     from ..flowsan_stage import load_aux_classifiers
     return [TorchClassifier(g, "auxiliary", True, device=device, label=f"aux_G{i:02d}")
-            for i, g in enumerate(load_aux_classifiers(aux_dir, n), 1)]
+            for i, g in enumerate(load_aux_classifiers(aux_dir, n, device), 1)]

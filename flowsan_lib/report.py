@@ -81,30 +81,241 @@ def stage_dirs(run_dir: Path) -> list[Path]:
                   if p.is_dir() and p.name not in RUN_FOLDERS and not p.name.startswith(".") and p.suffix != ".old")
 
 
-def index_page(run_dir: Path, pages: dict[str, Path]) -> str:
-    """The run's front page: parameters, each stage's status and headline metrics, links."""
+def _table(head: list[str], rows: list[list[str]], cls: str = "") -> str:
+    """An HTML table; cells are already escaped."""
+    h = "".join(f"<th>{c}</th>" for c in head)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table{f' class={cls!r}' if cls else ''}><thead><tr>{h}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in (d or {}).items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def param_changes(run_dir: Path, preset: str) -> list[tuple[str, object, object]] | None:
+    """(key, preset value, run value) for every parameter the run changed; None when the preset is unknown."""
+    from . import config
+    try:
+        base = _flat(config.to_dict(config.load(preset)))
+    except (ValueError, OSError):
+        return None
+    run = _flat(yaml.safe_load((run_dir / "params.yaml").read_text()) or {}) if (run_dir / "params.yaml").exists() else {}
+    return [(k, base.get(k), v) for k, v in run.items() if base.get(k) != v]
+
+
+def code_commit() -> str:
+    """The project's git commit (with '+ local changes' when the library or notebooks differ), else 'unknown'."""
+    import subprocess
+    from .layout import PROJECT_ROOT
+    try:
+        git = lambda *a: subprocess.run(["git", *a], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                                        timeout=10, check=True).stdout.strip()
+        commit = git("rev-parse", "--short=12", "HEAD")
+        dirty = git("status", "--porcelain", "--", "flowsan_lib", "notebooks", "params")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{commit} + local changes" if dirty else commit
+
+
+def package_versions(names=("torch", "fastai", "numpy")) -> dict[str, str]:
+    from importlib import metadata
+    out = {}
+    for n in names:
+        try:
+            out[n] = metadata.version(n)
+        except metadata.PackageNotFoundError:
+            out[n] = "not installed"
+    return out
+
+
+def inline_svg(chart) -> str:
+    """An altair chart as inline SVG (vl-convert, offline), without the XML prolog."""
+    from . import viz
+    svg = viz.to_svg(chart)
+    return svg[svg.index("<svg"):]
+
+
+def run_warnings(ev: dict) -> list[str]:
+    """What a reader must know before trusting the numbers: flipped classifiers, tiny test sets,
+    FMR operating points below what the impostor pairs can resolve."""
+    out = []
+    for ts, by_clf in (ev.get("gender") or {}).items():
+        for clf, by_method in by_clf.items():
+            auc = (((by_method.get("original") or {}).get("t0") or {}).get("auc") or {}).get("value")
+            if auc is not None and auc < 0.4:
+                out.append(f"gender classifier {clf} on {ts}: AUC {auc:.3f} on the original images (below 0.4): "
+                           "its output is flipped on this data, so |AUC - 0.5| rewards it for being wrong")
+    for ts, info in (ev.get("test_sets") or {}).items():
+        n, men = info.get("n_images", 0), info.get("n_male", 0)
+        if n < 100 or min(men, n - men) < 30:
+            out.append(f"test set {ts} is tiny ({n} images, {men} men, {n - men} women): confidence intervals "
+                       "are wide and differences between methods are not significant")
+        for proto, pr in (info.get("pairs") or {}).items():
+            imp = pr.get("n_impostor") or 0
+            low = [f"{f:.1%}" for f in (0.001, 0.01) if imp and f < 1 / imp]
+            if low:
+                out.append(f"{ts}, {proto.replace('_', ' ')} protocol: only {imp} impostor pairs, so FMR "
+                           f"{' and '.join(low)} cannot be resolved (smallest FMR 1/{imp} = {1 / imp:.2%}); "
+                           "TMR there is TMR at FMR 0")
+    matchers = ev.get("matchers") or {}
+    if matchers and all(m.get("seen") for m in matchers.values()):
+        out.append(f"every matcher of this run is seen ({', '.join(matchers)}): the headline TMR columns, means "
+                   "over unseen matchers, are n/a; the TMR-vs-t figure shows the seen ones")
+    return out
+
+
+def _sample_strip(run_dir: Path, out: Path, seed: int) -> str | None:
+    """Write report/samples.png (original, FlowSAN t = 1..n, Ens-Avg) and return its file name."""
+    import numpy as np
+    from . import viz
+    from .evaluate.stage import load_sequences
+    npz = run_dir / "04_flowsan" / "outputs_test.npz"
+    if not npz.exists():
+        return None
+    seq = load_sequences(npz)
+    with np.load(npz, allow_pickle=False) as z:
+        is_male = z["gender"] == 1
+    viz.sample_strip(seq, is_male, seed=seed).save(out / "samples.png")
+    return "samples.png"
+
+
+def _models(ev: dict, flow: dict) -> list[list[str]]:
+    rows = []
+    for name, info in (ev.get("classifiers") or {}).items():
+        rows.append([html.escape(name), "gender classifier", html.escape(str(info.get("kind", ""))),
+                     "seen" if info.get("seen") else "unseen"])
+    for name, info in (ev.get("matchers") or {}).items():
+        rows.append([html.escape(name), "face matcher", "pretrained", "seen (trained against)" if info.get("seen")
+                     else "unseen"])
+    return rows
+
+
+STYLE = ("body{font-family:sans-serif;max-width:72em;margin:2em auto;padding:0 1em;color:#222}"
+         "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.2em .6em;text-align:left}"
+         "th{background:#f4f4f4}.warn li{color:#8a4b00}figure{margin:1em 0}figcaption{color:#555;font-size:.9em}"
+         "code{background:#f4f4f4;padding:0 .2em}details{margin:1em 0}")
+
+
+def index_page(run_dir: Path, pages: dict[str, Path], out: Path | None = None) -> str:
+    """The run's front page (see build_report); writes report/samples.png into `out` when given."""
+    from . import runs, viz
+    esc = html.escape
     params = yaml.safe_load((run_dir / "params.yaml").read_text()) if (run_dir / "params.yaml").exists() else {}
-    parts = [f"<h1>FlowSAN run <code>{html.escape(run_dir.name)}</code></h1>"]
-    parts.append("<h2>Stages</h2><table><tr><th>stage</th><th>status</th><th>seconds</th><th>notebook</th></tr>")
-    for stage_dir in stage_dirs(run_dir):
-        marker = stage_dir / ".stage.json"
-        info = json.loads(marker.read_text()) if marker.exists() else {}
-        status = "done" if info else ("interrupted / failed" if stage_dir.name.endswith(".partial") else "not finished")
-        name = stage_dir.name.removesuffix(".partial")
-        link = f'<a href="{pages[name].name}">{name}.html</a>' if name in pages else ""
-        parts.append(f"<tr><td>{html.escape(stage_dir.name)}</td><td>{status}</td>"
-                     f"<td>{info.get('seconds', '')}</td><td>{link}</td></tr>")
-    parts.append("</table><h2>Headline metrics</h2>")
-    for stage_dir in (p for p in stage_dirs(run_dir) if (p / "metrics.json").exists()):
-        rows = headline_metrics(json.loads((stage_dir / "metrics.json").read_text()))
-        parts.append(f"<h3>{html.escape(stage_dir.name)}</h3><table>")
-        parts += [f"<tr><td>{html.escape(k)}</td><td>{_fmt(v)}</td></tr>" for k, v in rows]
-        parts.append("</table>")
-    parts.append(f"<h2>Parameters</h2><pre>{html.escape(yaml.safe_dump(params, sort_keys=False))}</pre>")
-    style = ("body{font-family:sans-serif;max-width:60em;margin:2em auto;padding:0 1em}"
-             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.2em .6em;text-align:left}")
-    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>FlowSAN run {html.escape(run_dir.name)}"
-            f"</title><style>{style}</style></head><body>{''.join(parts)}</body></html>")
+    params = params or {}
+    preset = runs.preset_of(run_dir)
+    st = runs.statuses(run_dir)
+    ev = runs.read_json(run_dir / "05_evaluate" / "metrics.json")
+    flow = runs.read_json(run_dir / "04_flowsan" / "metrics.json")
+    data = runs.read_json(run_dir / "01_data" / "metrics.json")
+    parts = [f"<h1>FlowSAN run <code>{esc(run_dir.name)}</code></h1>"]
+    done = sum(s["status"] == "done" for s in st.values())
+    parts.append(f"<p>{done} of {len(st)} stages finished. Numbers are means over the models the SANs never saw, "
+                 "with bootstrap 95% intervals over test images.</p>")
+
+    # what was run
+    rows = [["preset", f"<code>{esc(preset)}</code>"]]
+    changes = param_changes(run_dir, preset) if preset != "unknown" else None
+    if changes is None:
+        rows.append(["parameters", "preset unknown; see params.yaml below"])
+    else:
+        rows.append(["parameters changed from the preset", "<br>".join(
+            f"<code>{esc(k)}</code>: {esc(str(a))} &rarr; {esc(str(b))}" for k, a, b in changes) or "none"])
+    per_split = {}
+    for src, splits in (data.get("per_split") or {}).items():
+        for split, info in splits.items():
+            per_split.setdefault(split, {})[src] = info.get("images", 0) if isinstance(info, dict) else info
+    if per_split:
+        rows.append(["faces", esc(f"{data.get('faces', sum(sum(v.values()) for v in per_split.values()))} from "
+                                  f"{', '.join(data.get('sources') or []) or 'the sources'}; " + "; ".join(
+                                      f"{split} {sum(v.values())} ({', '.join(f'{s} {n}' for s, n in v.items())})"
+                                      for split, v in per_split.items()))])
+    if ev.get("test_sets"):
+        rows.append(["test sets", esc("; ".join(f"{k}: {v.get('n_images')} images, {v.get('n_male')} men, "
+                                                f"{v.get('n_identities')} identities"
+                                                for k, v in ev["test_sets"].items()))])
+    res = (params.get("data") or {}).get("resolution")
+    rows.append(["resolution, SAN stages", f"{res} px, n = {(params.get('san') or {}).get('n_stages')}"])
+    device = (ev.get("setup") or {}).get("device") or flow.get("device") or params.get("device", "unknown")
+    rows.append(["device", esc(str(device))])
+    rows.append(["code", f"<code>{esc(code_commit())}</code>"])
+    rows.append(["packages", esc(", ".join(f"{k} {v}" for k, v in package_versions().items()))])
+    parts.append("<h2>What was run</h2>" + _table(["", ""], rows, "setup"))
+
+    # headline table
+    parts.append("<h2>Headline: paper Table 3</h2>")
+    t3 = viz.table3(ev) if ev else None
+    if t3 is not None and not t3.empty:
+        cols = [c for c in ("mean eer", "mean auc", "mean auc_dev", "mean tmr_at_fmr_0.001", "tmr_retention")
+                if c in t3.columns]
+        label = {"mean eer": "EER", "mean auc": "AUC", "mean auc_dev": "|AUC - 0.5|",
+                 "mean tmr_at_fmr_0.001": "TMR at FMR 0.1%", "tmr_retention": "TMR retention"}
+        cell = lambda v: esc(v) if isinstance(v, str) else "n/a"          # NaN: no such number for this method
+        body = [[str(n), esc(m)] + [cell(t3.loc[(n, m), c]) for c in cols] for n, m in t3.index]
+        parts.append(_table(["n", "method"] + [label[c] for c in cols], body, "headline"))
+        parts.append("<p>Gender: mean over unseen classifiers and test sets (EER and AUC 0.5 = chance). Matching: "
+                     "mean over unseen matchers and test sets, different-image pairs; retention = TMR / TMR of the "
+                     "originals. Original rows are the unperturbed images (t = 0).</p>")
+    else:
+        parts.append("<p>No evaluation results (05_evaluate has not finished).</p>")
+
+    # figures
+    if ev:
+        figs = [("privacy-utility", viz.privacy_utility(ev), "Privacy vs utility: each point a method at stage t."),
+                ("auc-vs-t", viz.gender_vs_t(ev, "auc"), "ROC AUC of unseen gender classifiers vs stage t "
+                 "(paper Fig. 6)."),
+                ("tmr-vs-t", viz.tmr_vs_t(ev, "0.001", "different_image"), "TMR at FMR 0.1% of the matchers vs "
+                 "stage t (paper Fig. 8).")]
+        parts.append("<h2>Figures</h2>")
+        for fid, chart, cap in figs:
+            parts.append(f"<figure id='{fid}' class='chart'>{inline_svg(chart)}<figcaption>{esc(cap)}</figcaption>"
+                         "</figure>")
+    strip = _sample_strip(run_dir, out, params.get("seed", 0)) if out is not None else None
+    if strip:
+        parts.append("<h2>Sample faces</h2><figure id='samples'>"
+                     f"<img src='{strip}' alt='sample test faces: original, FlowSAN t = 1..n, Ens-Avg'>"
+                     "<figcaption>Seeded test images, two men and two women: the original, FlowSAN after t "
+                     "stages, and the average of the n ensemble members.</figcaption></figure>")
+
+    # models and warnings
+    models = _models(ev, flow)
+    if models:
+        parts.append("<h2>Models</h2><p>Unseen models never took part in training; the seen matcher is the one the "
+                     "SANs were trained to preserve.</p>" + _table(["model", "role", "kind", "seen"], models))
+    warns = run_warnings(ev)
+    parts.append("<h2>Warnings</h2>" + ("<ul class='warn'>" + "".join(f"<li>{esc(w)}</li>" for w in warns) + "</ul>"
+                                        if warns else "<p>None.</p>"))
+
+    # stages and notebooks
+    rows = []
+    for name, s in st.items():
+        links = [f"<a href='{esc(pages[name].name)}'>{esc(name)}.html</a>"] if name in pages else []
+        if f"{name}.failed" in pages:
+            links.append(f"<a href='{esc(pages[name + '.failed'].name)}'>failed attempt</a>")
+        secs = "" if s["seconds"] is None else f"{s['seconds']:.1f}"
+        rows.append([esc(name), s["status"], secs, esc(s["finished"]), " ".join(links)])
+    parts.append("<h2>Stages</h2>" + _table(["stage", "status", "wall time (s)", "finished", "notebook"], rows,
+                                            "stages"))
+
+    # every stage's metrics, folded
+    folded = []
+    for name in st:
+        m = runs.read_json(run_dir / name / "metrics.json")
+        if m:
+            rows = [[esc(k), _fmt(v)] for k, v in headline_metrics(m)]
+            folded.append(f"<h3>{esc(name)}</h3>" + _table(["key", "value"], rows))
+    if folded:
+        parts.append("<details><summary>Stage metrics (first keys of each metrics.json)</summary>"
+                     + "".join(folded) + "</details>")
+    parts.append("<details><summary>Parameters (params.yaml)</summary>"
+                 f"<pre>{esc(yaml.safe_dump(params, sort_keys=False))}</pre></details>")
+    return (f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>FlowSAN run {esc(run_dir.name)}"
+            f"</title><style>{STYLE}</style></head><body>{''.join(parts)}</body></html>\n")
 
 
 def build_report(run_dir: str | Path) -> Path:
@@ -117,5 +328,5 @@ def build_report(run_dir: str | Path) -> Path:
     pages = {nb.stem: notebook_to_html(nb, out / f"{nb.stem}.html")
              for nb in sorted((run_dir / "notebooks").glob("*.ipynb")) if not nb.stem.endswith(".attempt")}
     index = out / "index.html"
-    index.write_text(index_page(run_dir, pages))
+    index.write_text(index_page(run_dir, pages, out))
     return index

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import config, layout
+from . import config, layout, progress
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,7 @@ def setup_stage(preset: str, run_dir: str, overrides: dict | None, stage: str, i
     else:
         io = StageIO(run, _interactive_out(run, stage), _interactive_inputs(run, layout.stage_named(stage)), True)
     io.out.mkdir(parents=True, exist_ok=True)
+    progress.set_interactive(io.interactive)     # live progress bars by hand in JupyterLab, text under papermill
     return params, io
 
 

@@ -366,3 +366,18 @@ def write_evaluation_figures(metrics: dict, seq, images, test_sets, gibbs, stage
     privacy_utility_frame(metrics).to_csv(tab_dir / "privacy_utility.csv", index=False)
     metrics_frame(metrics).to_csv(tab_dir / "all_metrics_long.csv", index=False)
     return written
+
+
+def sample_strip(seq, is_male, per_gender: int = 2, seed: int = 0, cell: int = 72) -> Image.Image:
+    """The front page's sample faces: for a few seeded test men and women, one row each: the original,
+    FlowSAN t = 1..n and Ens-Avg of all n members (when the run has an ensemble)."""
+    rng = np.random.default_rng([seed, 14])
+    is_male = np.asarray(is_male, bool)
+    picks = [i for male in (True, False) for i in sorted(rng.choice(
+        np.flatnonzero(is_male == male), size=min(per_gender, int((is_male == male).sum())), replace=False))]
+    cells = [("original", 0)] + [("flowsan", t) for t in range(1, seq.n + 1)]
+    cells += [("ens_avg", seq.n)] if seq.members is not None else []
+    rows = [[method_image(seq, m, t, i) for m, t in cells] for i in picks]
+    labels = [f"#{i} ({'man' if is_male[i] else 'woman'})" for i in picks]
+    cols = [("I" if m == "original" else f"{METHOD_LABEL[m]} {t}") for m, t in cells]
+    return image_grid(rows, labels, cols, cell=cell, label_w=90)

@@ -142,3 +142,11 @@ def faceapi_matcher():
         return load_matcher("faceapi")
     except FetchError as e:
         pytest.skip(f"face-api weights not fetched: {e}")
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory):
+    """The real pipeline on the `smoke` preset, run once per test session into a temporary outputs folder;
+    shared by test_smoke_run and the report and explorer tests. Returns pipeline.RunResult."""
+    from flowsan_lib import pipeline
+    return pipeline.run("smoke", output_dir=tmp_path_factory.mktemp("outputs"))

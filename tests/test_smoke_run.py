@@ -1,25 +1,17 @@
 """The real pipeline on the `smoke` preset, end to end, through the real runner and report.
 
-Runs once per test session (module fixture) into a temporary outputs folder; the assertions read the
-files and metrics JSON the stages wrote, and open the report in headless Chromium where available.
+Runs once per test session (the `smoke_run` fixture in conftest.py, shared with the report and explorer
+tests) into a temporary outputs folder; the assertions read the files and metrics JSON the stages wrote,
+and open the report in headless Chromium where available.
 """
 import json
 from pathlib import Path
-
-import pytest
 
 from flowsan_lib import config, pipeline, report
 
 from .browser import chromium_page
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
-
-
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("outputs")
-    result = pipeline.run("smoke", output_dir=out)
-    return result
 
 
 def test_every_stage_ran_and_wrote_its_outputs(smoke_run):

@@ -10,17 +10,16 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
 from flowsan_lib.data import adapters, align, splits
 from flowsan_lib.data.cache import ChipCache, default_cache_dir
+from flowsan_lib.progress import progress
 
 STAGE = "01_data"
 FACE_COLUMNS = ["path", "source", "gender", "identity", "race", "split", "age", "sha1"]
@@ -136,7 +135,7 @@ def fill_cache(cache: ChipCache, paths, hashes, upsample: int, workers: int = 1,
         return 0
     chunks = [(todo[i:i + 32], upsample) for i in range(0, len(todo), 32)]
     pending: list = []
-    bar = tqdm(total=len(todo), desc=desc, file=sys.stdout, ascii=True, mininterval=5)
+    bar = progress(total=len(todo), desc=desc)     # a live bar in JupyterLab, text under `flowsan run`
     pool = _pool_context().Pool(workers) if workers > 1 else None
     try:
         results = pool.imap(_align_chunk, chunks) if pool else map(_align_chunk, chunks)

@@ -1,0 +1,119 @@
+"""What a run folder says about itself: preset, per-stage status and wall time, headline numbers, age.
+
+Read from the files the runner leaves (logs/run.log, stage markers, notebooks/, metrics.json); nothing
+is recomputed. Used by the report's front page and by `flowsan runs`.
+"""
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+from .layout import RUN_FOLDERS, STAGE_NAMES, RunLayout
+
+RUN_LINE = re.compile(r"run \S+: preset (?P<preset>.+?), stages ")
+
+
+def preset_of(run_dir: Path) -> str:
+    """The preset of the run's last `flowsan run` (from logs/run.log): a name, or a YAML file's name."""
+    log = RunLayout(Path(run_dir)).log_file
+    found = RUN_LINE.findall(log.read_text(errors="replace")) if log.exists() else []
+    if not found:
+        return "unknown"
+    preset = found[-1]
+    return Path(preset).name if "/" in preset else preset    # never a machine path
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def stage_names(run_dir: Path) -> list[str]:
+    """The pipeline's stages, then any other stage folder the run holds (a toy or older graph)."""
+    extra = sorted({p.name.removesuffix(".partial") for p in Path(run_dir).iterdir()
+                    if p.is_dir() and p.name not in RUN_FOLDERS and not p.name.startswith(".")
+                    and not p.name.endswith(".old")} - set(STAGE_NAMES))
+    return list(STAGE_NAMES) + extra
+
+
+def stage_status(run_dir: Path, stage: str) -> dict:
+    """{'status': done | failed | interrupted | not run, 'seconds', 'finished'} of one stage."""
+    lay = RunLayout(Path(run_dir))
+    marker = read_json(lay.marker(stage)) if lay.marker(stage).exists() else {}
+    failed = lay.executed_notebook(stage, "failed").exists()
+    if marker:
+        status = "done"
+    elif failed:
+        status = "failed"
+    elif lay.partial_dir(stage).exists():
+        status = "interrupted"
+    else:
+        status = "not run"
+    return {"status": status, "seconds": marker.get("seconds"), "finished": marker.get("finished", ""),
+            "failed_notebook": failed}
+
+
+def statuses(run_dir: Path) -> dict[str, dict]:
+    return {s: stage_status(run_dir, s) for s in stage_names(run_dir)}
+
+
+def headline(run_dir: Path) -> dict:
+    """FlowSAN and original at the largest Table-3 n: mean EER of the unseen classifiers, mean TMR at FMR 0.1%."""
+    summ = read_json(Path(run_dir) / "05_evaluate" / "metrics.json").get("summary") or {}
+    if not summ:
+        return {}
+    nkey = max(summ, key=lambda k: int(k[1:]))
+    value = lambda m, k: ((summ[nkey].get(m) or {}).get(k) or {}).get("value")
+    return {"n": int(nkey[1:]), "eer_orig": value("original", "mean_eer"), "eer_flowsan": value("flowsan", "mean_eer"),
+            "tmr_orig": value("original", "mean_tmr_at_fmr_0.001"),
+            "tmr_flowsan": value("flowsan", "mean_tmr_at_fmr_0.001")}
+
+
+def age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f} {unit}"
+    return f"{seconds:.0f} s"
+
+
+def last_activity(run_dir: Path) -> float:
+    """Time of the run's last change: its log, its params, its stage markers."""
+    lay = RunLayout(Path(run_dir))
+    paths = [lay.log_file, lay.params_file] + [lay.marker(s) for s in stage_names(run_dir)]
+    return max((p.stat().st_mtime for p in paths if p.exists()), default=Path(run_dir).stat().st_mtime)
+
+
+def is_run(path: Path) -> bool:
+    return path.is_dir() and ((path / "params.yaml").exists() or (path / "logs").is_dir()
+                              or any((path / s).is_dir() for s in STAGE_NAMES))
+
+
+STATUS_CHAR = {"done": "+", "failed": "X", "interrupted": "~", "not run": "."}
+
+
+def runs_table(root: Path, now: float | None = None) -> str:
+    """A plain-text table of the runs under root: preset, status per stage, headline metrics, age."""
+    now = time.time() if now is None else now
+    runs = sorted((p for p in Path(root).iterdir() if is_run(p)), key=last_activity, reverse=True) \
+        if Path(root).is_dir() else []
+    if not runs:
+        return f"no runs under {root}"
+    head = ["run", "preset", "stages", "n", "EER orig", "EER FlowSAN", "TMR orig", "TMR FlowSAN", "age"]
+    rows = []
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"
+    for r in runs:
+        st = statuses(r)
+        h = headline(r)
+        rows.append([r.name, preset_of(r), "".join(STATUS_CHAR[s["status"]] for s in st.values()),
+                     str(h.get("n", "-")), fmt(h.get("eer_orig")), fmt(h.get("eer_flowsan")),
+                     fmt(h.get("tmr_orig")), fmt(h.get("tmr_flowsan")), age(now - last_activity(r))])
+    widths = [max(len(x) for x in col) for col in zip(head, *rows)]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+    legend = (f"stages: one character each ({', '.join(STAGE_NAMES)}): + done, X failed, ~ interrupted, . not run\n"
+              "n: Table-3 row shown; EER: mean over unseen gender classifiers (0.5 = private); TMR: mean at "
+              "FMR 0.1% over unseen matchers")
+    return "\n".join([line(head)] + [line(r) for r in rows] + ["", legend])

@@ -67,6 +67,19 @@ def cmd_anonymize(a) -> int:
     return 0
 
 
+def cmd_explore(a) -> int:
+    from .explore_app import serve
+    from .stage_setup import run_folder
+    return serve(run_folder(a.run), port=a.port, ip=a.ip)
+
+
+def cmd_runs(a) -> int:
+    from .layout import output_root
+    from .runs import runs_table
+    print(runs_table(Path(a.outputs) if a.outputs else output_root()))
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flowsan", description="FlowSAN Workbench")
     sub = p.add_subparsers(dest="command", required=True)
@@ -115,6 +128,16 @@ def parser() -> argparse.ArgumentParser:
     an.add_argument("--device", default="auto", help="torch device for the model: auto (GPU when there is one), "
                     "cpu, cuda, cuda:1...")
     an.set_defaults(func=cmd_anonymize)
+
+    ex = sub.add_parser("explore", help="serve a run's explorer (06) as a web app with Voila until Ctrl-C")
+    ex.add_argument("run", help="run folder or run name under outputs/")
+    ex.add_argument("--port", type=int, help="port to listen on (default: 8866, or the next free one)")
+    ex.add_argument("--ip", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    ex.set_defaults(func=cmd_explore)
+
+    rs = sub.add_parser("runs", help="table of the runs under outputs/: preset, stages, headline metrics, age")
+    rs.add_argument("--outputs", help="folder holding the runs (default: $FLOWSAN_OUTPUTS or outputs/)")
+    rs.set_defaults(func=cmd_runs)
     return p
 
 

@@ -266,7 +266,11 @@ def index_page(run_dir: Path, pages: dict[str, Path], out: Path | None = None) -
 
     # figures
     if ev:
-        figs = [("privacy-utility", viz.privacy_utility(ev), "Privacy vs utility: each point a method at stage t."),
+        seen = viz.privacy_utility_frame(ev).empty and not viz.privacy_utility_frame(ev, seen_matchers=True).empty
+        figs = [("privacy-utility", viz.privacy_utility(ev, seen_matchers=seen),
+                 "Privacy vs utility: each point a method at stage t." + (
+                     " This run has no unseen matcher with genuine pairs: utility is measured with the seen "
+                     "matchers (the SANs were trained to preserve them), an optimistic view." if seen else "")),
                 ("auc-vs-t", viz.gender_vs_t(ev, "auc"), "ROC AUC of unseen gender classifiers vs stage t "
                  "(paper Fig. 6)."),
                 ("tmr-vs-t", viz.tmr_vs_t(ev, "0.001", "different_image"), "TMR at FMR 0.1% of the matchers vs "

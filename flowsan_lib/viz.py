@@ -143,13 +143,15 @@ def roc_chart(metrics: dict, protocol: str = "different_image", t: int | None = 
         title=f"verification ROC, {protocol.replace('_', ' ')} pairs, t = {t}")
 
 
-def privacy_utility_frame(metrics: dict, fmr: str = "0.001") -> pd.DataFrame:
+def privacy_utility_frame(metrics: dict, fmr: str = "0.001", seen_matchers: bool = False) -> pd.DataFrame:
     """Per method and t: mean |AUC - 0.5| over unseen classifiers and test sets, and mean TMR
-    retention (TMR / TMR on originals) over unseen matchers and test sets (main protocol)."""
+    retention (TMR / TMR on originals) over unseen matchers (every matcher if seen_matchers) and test
+    sets (main protocol)."""
     df = metrics_frame(metrics)
     g = df[(df.task == "gender") & (df.metric == "auc_dev") & ~df.seen]
     priv = g.groupby(["method", "t"])["value"].mean().rename("auc_dev")
-    m = df[(df.task == "matching") & (df.protocol == "different_image") & (df.metric == f"tmr_at_fmr_{fmr}") & ~df.seen]
+    m = df[(df.task == "matching") & (df.protocol == "different_image") & (df.metric == f"tmr_at_fmr_{fmr}")
+           & (seen_matchers | ~df.seen)]
     base = m[m.method == "original"].set_index(["test_set", "model"])["value"]
     m = m.join(base.rename("orig"), on=["test_set", "model"])
     m = m[m.orig > 0]
@@ -159,17 +161,18 @@ def privacy_utility_frame(metrics: dict, fmr: str = "0.001") -> pd.DataFrame:
     return out.dropna(subset=["auc_dev", "tmr_retention"])
 
 
-def privacy_utility(metrics: dict, fmr: str = "0.001") -> alt.Chart:
+def privacy_utility(metrics: dict, fmr: str = "0.001", seen_matchers: bool = False) -> alt.Chart:
     """Mean |AUC - 0.5| (lower = more private) vs TMR retention (higher = more useful), labelled by t."""
-    df = privacy_utility_frame(metrics, fmr)
+    df = privacy_utility_frame(metrics, fmr, seen_matchers)
     if df.empty:
         return _empty("privacy-utility: no matcher with genuine pairs")
+    who = "all matchers, incl. seen" if seen_matchers else "unseen matchers"
     orig = df[df.method == "original"]
     df = pd.concat([df[df.method != "original"]] + [orig.assign(method=m, Method=METHOD_LABEL[m], t=0)
                                                      for m in df.method.unique() if m != "original"])
     base = alt.Chart(df).encode(
         x=alt.X("auc_dev:Q", title="mean |AUC - 0.5| of unseen classifiers (lower = more private)"),
-        y=alt.Y("tmr_retention:Q", title=f"TMR retention at FMR {float(fmr):.1%} (unseen matchers)"),
+        y=alt.Y("tmr_retention:Q", title=f"TMR retention at FMR {float(fmr):.1%} ({who})"),
         color=_color(df["Method"].unique()), order="t:O")
     return (base.mark_line(point=True) + base.mark_text(dx=7, dy=-7, fontSize=10).encode(text="t:O")).properties(
         width=420, height=300, title="privacy vs utility (labels: t; t = 0 is the original)")

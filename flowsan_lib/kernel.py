@@ -1,4 +1,11 @@
-"""The Jupyter kernel manager the runner gives papermill: local IPC sockets and a shutdown without SIGINT.
+"""What the runner gives papermill: a quiet kernel manager, and the stream that carries the kernel's output.
+
+`StageOutput` writes the kernel's stdout/stderr into the stage's log and forwards it line by line to the
+run log ("flowsan.run": logs/run.log and the console): stdout lines are the stage's progress (alignment
+counts, one line per training epoch with its losses, scoring), INFO; stderr lines are warnings a stage
+printed, WARNING, so a real warning is seen where the run is watched.
+
+QuietKernelManager: local IPC sockets and a shutdown without SIGINT.
 
 Two messages every stage used to print although nothing was wrong:
 - ipykernel warns "Kernel is running over TCP without encryption" for every TCP kernel. The runner's
@@ -11,6 +18,8 @@ Two messages every stage used to print although nothing was wrong:
 """
 from __future__ import annotations
 
+import logging
+import re
 import shutil
 import tempfile
 
@@ -37,3 +46,22 @@ class QuietKernelManager(AsyncKernelManager):
             shutil.rmtree(self._ipc_dir, ignore_errors=True)
 
     cleanup_resources = _async_cleanup_resources      # nbclient calls this name after shutdown
+
+
+class StageOutput:
+    """A file-like sink for papermill's stdout_file/stderr_file: the stage log, plus one run-log record per line."""
+
+    def __init__(self, file, stage: str, log: logging.Logger, level: int = logging.INFO):
+        self.file, self.stage, self.log, self.level = file, stage, log, level
+        self.pending = ""
+
+    def write(self, text: str) -> int:
+        self.file.write(text)
+        *lines, self.pending = re.split(r"[\r\n]", self.pending + text)    # tqdm redraws with \r
+        for line in lines:
+            if line.strip():
+                self.log.log(self.level, "%s: %s", self.stage, line.strip())
+        return len(text)
+
+    def flush(self) -> None:
+        self.file.flush()

@@ -283,7 +283,7 @@ def execute_stage(stage: Stage, run: RunLayout, notebook_dir: Path, fp: str) -> 
     """Execute one stage notebook into <stage>.partial and promote it on success."""
     import papermill as pm
 
-    from .kernel import QuietKernelManager
+    from .kernel import QuietKernelManager, StageOutput
 
     partial = run.partial_dir(stage.name)
     partial.mkdir(parents=True, exist_ok=True)       # kept from an interrupted attempt: resume from it
@@ -300,7 +300,8 @@ def execute_stage(stage: Stage, run: RunLayout, notebook_dir: Path, fp: str) -> 
                 parameters={"preset": run.attempt_params_file().relative_to(run.root).as_posix(),
                             "run_dir": _injected_run_dir(run), "overrides": {},
                             "inputs": inputs, "out_dir": partial.name},
-                cwd=str(PROJECT_ROOT), progress_bar=False, stdout_file=out, stderr_file=out,
+                cwd=str(PROJECT_ROOT), progress_bar=False, stdout_file=StageOutput(out, stage.name, log),
+                stderr_file=StageOutput(out, stage.name, log, logging.WARNING),
                 kernel_name="python3", kernel_manager_class=QuietKernelManager)
     except KeyboardInterrupt:
         log.error("%s: interrupted (Ctrl-C) after %.0f s; finished stages are intact, "

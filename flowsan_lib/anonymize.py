@@ -83,6 +83,12 @@ def check_folders(input_dir: Path, output_dir: Path) -> tuple[Path, Path]:
                              "that does not contain the inputs")
     if dst.exists() and not dst.is_dir():
         raise AnonymizeError(f"output {dst} exists and is not a folder")
+    existing = next(p for p in (dst, *dst.parents) if p.exists())
+    if not existing.is_dir():
+        raise AnonymizeError(f"output folder {dst} cannot be created: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise AnonymizeError(f"output folder {dst} is not writable ({existing} is read-only): choose a folder "
+                             "you can write to")
     if dst.is_dir() and any(dst.iterdir()) and not (dst / SETTINGS).is_file():
         raise AnonymizeError(f"output folder {dst} is not empty and holds no earlier `flowsan anonymize` run "
                              f"({SETTINGS}); choose an empty or new folder so no file of yours is overwritten")
@@ -93,9 +99,16 @@ def read_labels(labels_csv: Path, files: list[Path]) -> dict[Path, int]:
     """Gender label (1 male, 0 female) of every input file from a file,gender CSV; errors name the problem."""
     import pandas as pd
     labels_csv = Path(labels_csv)
-    if not labels_csv.exists():
+    if not labels_csv.is_file():
         raise AnonymizeError(f"labels file {labels_csv} not found")
-    table = pd.read_csv(labels_csv, dtype=str, keep_default_na=False)
+    try:
+        table = pd.read_csv(labels_csv, dtype=str, keep_default_na=False)
+    except pd.errors.EmptyDataError:
+        raise AnonymizeError(f"labels file {labels_csv} is empty: write a header file,gender and one row per "
+                             "image") from None
+    except (UnicodeDecodeError, pd.errors.ParserError) as e:
+        raise AnonymizeError(f"labels file {labels_csv} is not a readable CSV text file "
+                             f"({str(e).splitlines()[0]})") from None
     missing_cols = {"file", "gender"} - set(table.columns)
     if missing_cols:
         raise AnonymizeError(f"{labels_csv} needs columns file,gender; it lacks {sorted(missing_cols)}")
@@ -128,6 +141,7 @@ def _worker_init() -> None:
 def align_batch(items: list[tuple[str, str]], resolution: int, upsample: int) -> list[dict]:
     """Read and align (rel, path) items into gray R-px crops + landmarks; a bad file is a result, never raised."""
     from .data.align import MAX_SIDE, align_image, chip_to_resolution, landmarks_to_resolution
+    from .models.fetch import FetchError
     out = []
     for rel, path in items:
         r = {"file": rel, "gray": None, "lm": None, "reason": "", "detail": "", "n_faces": 0, "scale": "",
@@ -142,6 +156,8 @@ def align_batch(items: list[tuple[str, str]], resolution: int, upsample: int) ->
             if chip is not None:
                 r["gray"] = chip_to_resolution(chip, resolution)[0]
                 r["lm"] = landmarks_to_resolution(lm, resolution)
+        except FetchError:
+            raise                     # the landmark predictor, not this file: every file would fail alike
         except Exception as e:  # noqa: BLE001 - one odd file must not end a run over thousands
             r.update(reason="error", detail=f"{type(e).__name__}: {e}")
         out.append(r)
@@ -300,6 +316,10 @@ def anonymize_folder(model, input_dir, output_dir, stages: int | None = None, la
                              "CSV (columns file,gender) or --label-free to use the model's auxiliary classifier")
     if labels_csv is not None and label_free:
         raise AnonymizeError("choose either --labels or --label-free, not both")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise AnonymizeError(f"--batch-size must be an integer >= 1 (got {batch_size!r})")
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
+        raise AnonymizeError(f"--workers must be an integer >= 0 (got {workers!r}; 0 = align in this process)")
     input_dir, output_dir = check_folders(input_dir, output_dir)
     progress = sys.stderr if progress is True else (progress or None)
     workers = default_workers() if workers is None else int(workers)
@@ -328,7 +348,10 @@ def _run(pool, model, input_dir, output_dir, files, labels, stages, label_free, 
 
     from .methods import to_images, to_uint8
     from .modelio import ModelError, load_model
+    from .data.align import PREDICTOR_FILE
+    from .models.fetch import weight_path
     from .train import pick_device
+    weight_path(PREDICTOR_FILE)   # hash-checked before any work: a damaged predictor is one message, not N rows
     dev = pick_device(device) if isinstance(device, str) else torch.device(device)
     m = load_model(Path(model), device=dev)
     t = len(m.stages) if stages is None else int(stages)
@@ -412,7 +435,8 @@ def _run(pool, model, input_dir, output_dir, files, labels, stages, label_free, 
     final = compact_report(output_dir / REPORT)
     current = [final[f.as_posix()] for f in files if f.as_posix() in final]
     n_ok = sum(r["status"] == "ok" for r in current)
+    skipped = [f"{r['file']} ({r['reason']})" for r in current if r["status"] != "ok"]
     return {"model": str(model), "kind": m.kind, "stages": t, "resolution": m.resolution, "device": str(dev),
             "images": len(files), "processed": prog.new, "already_done": len(files) - len(todo),
-            "ok": n_ok, "failed": len(files) - n_ok, "label_source": source,
+            "ok": n_ok, "failed": len(files) - n_ok, "skipped": skipped[:20], "label_source": source,
             "report": str(output_dir / REPORT), "seconds": round(time.time() - t0, 2)}

@@ -64,6 +64,15 @@ def cmd_anonymize(a) -> int:
     except KeyboardInterrupt:  # the outputs and anonymize.csv are consistent; the message says so
         return 130
     print(summary)
+    skipped = summary.get("skipped", [])
+    if skipped:
+        more = summary["failed"] - len(skipped)
+        print(f"flowsan: {summary['failed']} of {summary['images']} images skipped: {', '.join(skipped)}"
+              f"{f' and {more} more' if more > 0 else ''}; see {summary['report']}", file=sys.stderr)
+    if summary["ok"] == 0:
+        print(f"flowsan: error: no image in {a.input_dir} was anonymized (no readable image with a face); "
+              f"see {summary['report']}", file=sys.stderr)
+        return 2
     return 0
 
 

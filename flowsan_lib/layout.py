@@ -7,7 +7,8 @@
       <stage>/                    a finished stage: its outputs and `.stage.json` (fingerprint, file hashes)
       <stage>.partial/            a stage being computed (kept after a failure: its checkpoints resume)
       notebooks/<stage>.ipynb     executed notebook of the finished stage (<stage>.failed.ipynb: last failure)
-      logs/run.log, logs/<stage>.log
+      logs/run.log                every run's events, appended
+      logs/<stage>.log            output of the finished stage's kernel (<stage>.failed.log: last failure)
       scratch/<stage>/            outputs of a notebook run by hand in JupyterLab (never a finished stage)
       report/                     offline HTML report
 
@@ -152,8 +153,9 @@ class RunLayout:
         """notebooks/<stage>.ipynb (finished), <stage>.attempt.ipynb (running), <stage>.failed.ipynb."""
         return self.notebook_dir / (f"{stage}.{state}.ipynb" if state else f"{stage}.ipynb")
 
-    def stage_log(self, stage: str) -> Path:
-        return self.root / "logs" / f"{stage}.log"
+    def stage_log(self, stage: str, state: str = "") -> Path:
+        """logs/<stage>.log (finished), <stage>.attempt.log (running), <stage>.failed.log (last failure)."""
+        return self.root / "logs" / (f"{stage}.{state}.log" if state else f"{stage}.log")
 
     def input_paths(self, stage: Stage) -> dict[str, Path]:
         """The finished-stage paths a stage reads, by the keyword its stage function takes."""

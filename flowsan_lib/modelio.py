@@ -228,6 +228,12 @@ def load_model(folder: Path, device="cpu") -> FlowModel:
                              ("width", san.width)):
             if doc.get(field) != value:
                 raise _field_error(mj, field, f"is {doc.get(field)!r} but {name} was built with {value!r}")
+        trained_with = meta.get("params") if isinstance(meta.get("params"), dict) else {}
+        if trained_with.get("role") not in (None, kind):
+            raise _field_error(mj, "kind", f"is {kind!r} but {name} was trained as a {trained_with['role']} stage")
+        if trained_with.get("stage") not in (None, len(stages) + 1):
+            raise _field_error(mj, "files", f"lists {name} as stage {len(stages) + 1} but it was trained as stage "
+                               f"{trained_with['stage']}")
         trained = meta.get("params", {}).get("prototypes", {}).get("warp") if isinstance(meta.get("params"), dict) \
             else None
         if trained is not None and trained != warp:

@@ -184,6 +184,23 @@ def check_params_change(run: RunLayout, params: config.RunParams, force: bool) -
                        "choose another --run-name, or pass --force to re-run changed stages")
 
 
+def _check_data_sources(params: config.RunParams) -> None:
+    from .data.adapters import check_sources
+    check_sources(params.data)
+
+
+PREFLIGHT = {"01_data": _check_data_sources}   # what a stage reads from outside the run, checked up front
+
+
+def preflight(run: RunLayout, params: config.RunParams, selected, forced, notebook_dir: Path) -> None:
+    """Before any work: the outside inputs of each stage that will run (a current stage reads nothing)."""
+    for stage in selected:
+        check = PREFLIGHT.get(stage.name)
+        if check and (stage.name in forced or
+                      stage_state(run, stage, fingerprint(stage, params, run, notebook_dir)) != "current"):
+            check(params)
+
+
 @contextmanager
 def run_lock(run: RunLayout):
     """Hold the run folder's advisory lock; a second `flowsan run` into it is refused, not queued."""
@@ -234,13 +251,14 @@ def run(preset: str, run_name: str | None = None, only=None, from_stage: str | N
         overrides = {**(overrides or {}), "gpus": gpus}
     params = config.load(preset, overrides)          # rejects bad params before any work
     selected, forced = select_stages(stages, only, from_stage)
-    run_layout = RunLayout.named(run_name or config.preset_path(preset).stem, output_dir)
+    run_layout = RunLayout.named(config.preset_path(preset).stem if run_name is None else run_name, output_dir)
     check_params_change(run_layout, params, force)
     if fetch_models and any(s.uses_models for s in selected):
         from .models.fetch import check_cache
         check_cache()                                 # by hash, without fetching: `flowsan models fetch` fetches
     from .device import check_run_device
     check_run_device(params.device, params.gpus)      # device: cuda without a GPU, --gpus 4 on 2: refused here
+    preflight(run_layout, params, selected, forced, notebook_dir)
     with run_lock(run_layout):
         handler = _file_handler(run_layout)
         log.addHandler(handler)
@@ -260,8 +278,13 @@ def _run_locked(run: RunLayout, params, selected, forced, notebook_dir, report, 
     result = RunResult(run.root)
     for stage in selected:
         for need in stage.needs:
-            if read_marker(run.root, need) is None:
+            marker = read_marker(run.root, need)
+            if marker is None:
                 raise RunError(f"stage {stage.name} needs {need}, which has not finished in {run.root}; run it first")
+            problems = tree_problems(run.stage_dir(need), marker.get("files", {}))
+            if problems:
+                raise RunError(f"stage {stage.name} needs {need}, whose outputs in {run.stage_dir(need)} were "
+                               f"damaged ({'; '.join(problems[:3])}); re-run it with --from {need}")
         fp = fingerprint(stage, params, run, notebook_dir)
         state = "forced" if stage.name in forced else stage_state(run, stage, fp)
         if state == "current":
@@ -290,7 +313,7 @@ def execute_stage(stage: Stage, run: RunLayout, notebook_dir: Path, fp: str) -> 
     (partial / MARKER).unlink(missing_ok=True)
     attempt_nb = run.executed_notebook(stage.name, "attempt")
     attempt_nb.parent.mkdir(exist_ok=True)
-    stage_log = run.stage_log(stage.name)
+    stage_log = run.stage_log(stage.name, "attempt")  # replaces the finished stage's log only on success
     inputs = {k: p.relative_to(run.root).as_posix() for k, p in run.input_paths(stage).items()}
     t0 = time.time()
     try:
@@ -326,16 +349,20 @@ def execute_stage(stage: Stage, run: RunLayout, notebook_dir: Path, fp: str) -> 
          "files": hash_tree(partial, skip=(MARKER,))}, indent=1))
     _promote(partial, run.stage_dir(stage.name))
     attempt_nb.replace(run.executed_notebook(stage.name))
+    stage_log.replace(run.stage_log(stage.name))
     run.executed_notebook(stage.name, "failed").unlink(missing_ok=True)
+    run.stage_log(stage.name, "failed").unlink(missing_ok=True)
     log.info("%s: done in %.1f s", stage.name, seconds)
     return seconds
 
 
 def _keep_failed(attempt_nb: Path, run: RunLayout, stage: Stage) -> Path:
-    """The failed attempt's notebook beside (not over) the finished stage's one."""
+    """The failed attempt's notebook and log beside (not over) the finished stage's ones."""
     failed = run.executed_notebook(stage.name, "failed")
     if attempt_nb.exists():
         attempt_nb.replace(failed)
+    if run.stage_log(stage.name, "attempt").exists():
+        run.stage_log(stage.name, "attempt").replace(run.stage_log(stage.name, "failed"))
     return failed
 
 

@@ -202,12 +202,20 @@ def test_manifest_labels_and_paths(tmp_path):
                   "identity": ["a", "a", "b", "c", "d"],
                   "race": ["white", "2", "", "Black", "9"],
                   "age": ["30", "", "41", "", ""]}).to_csv(tmp_path / "morph.csv", index=False)
-    t = load_manifest(tmp_path / "morph.csv").sort_values("identity", kind="stable")
+    t = load_manifest(tmp_path / "morph.csv", root=SAMPLE_ROOT).sort_values("identity", kind="stable")
     assert set(t.source) == {"morph"}
     assert t.gender.tolist() == [1, 0, 1, -1, -1]
     assert t.race.tolist()[:3] == [0, 2, -1] and t.age.tolist()[:3] == [30, -1, 41]
     assert Path(t.path.iloc[0]).is_file() and Path(t.path.iloc[0]).is_absolute()
     assert "missing on disk" in t.note.iloc[3] and "gender" in t.note.iloc[4]
+
+
+def test_manifest_rows_outside_its_folder_and_the_data_root_are_refused(tmp_path):
+    src = load_lfw(SAMPLE_ROOT / "lfw").path.iloc[0]
+    pd.DataFrame({"path": [src], "gender": ["1"]}).to_csv(tmp_path / "m.csv", index=False)
+    with pytest.raises(DataError, match="line 2"):
+        load_manifest(tmp_path / "m.csv")                      # no data root: only the CSV's folder
+    assert len(load_manifest(tmp_path / "m.csv", root=SAMPLE_ROOT)) == 1
 
 
 def test_manifest_needs_path_and_gender(tmp_path):

@@ -24,7 +24,8 @@ excludes them. Label semantics per dataset:
 - CelebA: `list_attr_celeba.txt` column Male (1 -> 1, -1 -> 0), `identity_CelebA.txt`,
   `list_eval_partition.txt` (0/1/2 -> train/val/test). Listed files missing on disk are noted.
 - Manifest CSV: columns path, gender (1/0, male/female, m/f), optional identity, race (code or name)
-  and age. Relative paths are relative to the CSV's folder.
+  and age. Relative paths are relative to the CSV's folder. Every row must lie inside the CSV's folder
+  or the data root (symlinks resolved): a manifest is refused, naming the rows, when one points elsewhere.
 """
 from __future__ import annotations
 
@@ -42,8 +43,8 @@ IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", 
 SAMPLE_ROOT = Path(__file__).resolve().parent.parent / "sample_data"
 
 
-class DataError(RuntimeError):
-    """A dataset cannot be found or read in any known layout."""
+class DataError(ValueError):
+    """A dataset cannot be found or read in any known layout; the message names the file and the fix."""
 
 
 def _table(rows: list[dict], source: str) -> pd.DataFrame:
@@ -244,15 +245,36 @@ def _race_code(v) -> int:
     return min(names.index(s), 4) if s in names else -2
 
 
-def load_manifest(csv_path: str | os.PathLike, source: str | None = None) -> pd.DataFrame:
-    """A CSV with columns path, gender and optionally identity, race, age; source = the file stem."""
+def _inside(path: Path, bases: list[Path]) -> bool:
+    return any(path == b or b in path.parents for b in bases)
+
+
+def load_manifest(csv_path: str | os.PathLike, source: str | None = None,
+                  root: str | os.PathLike | None = None) -> pd.DataFrame:
+    """A CSV with columns path, gender and optionally identity, race, age; source = the file stem.
+
+    root: the data root; rows may point inside it or inside the CSV's folder, nowhere else."""
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise DataError(f"manifest {csv_path} not found")
-    raw = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    try:
+        raw = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    except pd.errors.EmptyDataError:
+        raise DataError(f"manifest {csv_path} is empty: write a header path,gender and one row per image") from None
+    except (UnicodeDecodeError, pd.errors.ParserError) as e:
+        raise DataError(f"manifest {csv_path} is not a readable CSV text file ({str(e).splitlines()[0]})") from None
     missing = {"path", "gender"} - set(raw.columns)
     if missing:
         raise DataError(f"manifest {csv_path} lacks column(s) {sorted(missing)}; has {list(raw.columns)}")
+    if raw.empty:
+        raise DataError(f"manifest {csv_path} has no rows: add one row per image (path,gender)")
+    bases = [csv_path.parent.resolve()] + ([Path(root).resolve()] if root else [])
+    outside = [f"line {i} {r['path']!r}" for i, r in enumerate(raw.to_dict("records"), 2)
+               if not _inside((csv_path.parent / r["path"].strip()).resolve(), bases)]
+    if outside:
+        raise DataError(f"manifest {csv_path}: {len(outside)} row(s) point outside {' and '.join(map(str, bases))} "
+                        f"({', '.join(outside[:3])}{', ...' if len(outside) > 3 else ''}); keep the images under "
+                        "the manifest's folder or under data.data_root")
     rows = []
     for r in raw.to_dict("records"):
         p = Path(r["path"].strip())
@@ -300,11 +322,29 @@ def load_source(source: str, root: str | os.PathLike | None = "") -> pd.DataFram
     if source == "celeba":
         return load_celeba(_dataset_dir("celeba", r))
     if source.startswith("manifest:"):
-        p = Path(source.split(":", 1)[1]).expanduser()
-        if not p.is_absolute() and r is not None and (r / p).is_file():
-            p = r / p
-        return load_manifest(p)
+        return load_manifest(manifest_path(source, r), root=r)
     raise DataError(f"unknown source {source!r}")
+
+
+def manifest_path(source: str, root: Path | None) -> Path:
+    """The CSV of a `manifest:<csv>` source: absolute, else in the data root, else relative to the project
+    (as every relative path of a run: the same file from the CLI and from the notebook's kernel)."""
+    from flowsan_lib.layout import resolve
+    p = Path(source.split(":", 1)[1]).expanduser()
+    if not p.is_absolute() and root is not None and (root / p).is_file():
+        return root / p
+    return resolve(p)
+
+
+def check_sources(data_params) -> None:
+    """What the data stage will read, checked before any work: dataset folders exist, manifests are
+    readable, non-empty and confined (DataError naming the source and the fix)."""
+    r = data_root(data_params.data_root)
+    for source in data_params.sources:
+        if source in ("lfw", "utkface", "celeba"):
+            _dataset_dir(source, r)
+        elif source.startswith("manifest:"):
+            load_manifest(manifest_path(source, r), root=r)
 
 
 def summarize(table: pd.DataFrame) -> pd.DataFrame:

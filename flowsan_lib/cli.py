@@ -30,9 +30,33 @@ def _overrides(pairs: list[str]) -> dict:
 def cmd_run(a) -> int:
     from . import pipeline
     res = pipeline.run(a.preset, run_name=a.run_name, only=a.only, from_stage=a.from_stage,
-                       overrides=_overrides(a.set), force=a.force, gpus=a.gpus)
-    print(f"ran: {', '.join(res.ran) or 'nothing'}; up to date: {', '.join(res.skipped) or 'none'}")
+                       overrides=_overrides(a.set), force=a.force, gpus=a.gpus,
+                       reuse_from=tuple(Path(p) for p in a.reuse_from or ()))
+    reused = f"; reused: {', '.join(res.reused)}" if res.reused else ""
+    print(f"ran: {', '.join(res.ran) or 'nothing'}; up to date: {', '.join(res.skipped) or 'none'}{reused}")
     print(res.report)
+    return 0
+
+
+def cmd_sweep(a) -> int:
+    from . import sweep
+    from .layout import output_root
+    summary = sweep.run_sweep(a.preset, Path(a.grid), jobs=a.jobs, name=a.name, base_overrides=_overrides(a.set))
+    sweep_dir = output_root() / (a.name or Path(a.grid).stem)
+    print(sweep.summary_table(summary, sweep_dir).to_string())
+    failed = [r["name"] for r in summary["runs"] if r["status"] != "done"]
+    if failed:
+        print(f"flowsan: {len(failed)} run(s) failed: {', '.join(failed)}; see {sweep_dir / 'logs'}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def cmd_compare(a) -> int:
+    import time
+
+    from .compare import execute_compare
+    from .layout import output_root
+    out = Path(a.out) if a.out else output_root() / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
+    print(execute_compare(a.runs, out))
     return 0
 
 
@@ -100,7 +124,24 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--from", dest="from_stage", metavar="STAGE", help="re-run this stage and all after it")
     r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a parameter, e.g. san.epochs=2")
     r.add_argument("--force", action="store_true", help="allow re-running an existing run with changed parameters")
+    r.add_argument("--gpus", type=int, metavar="N", help="train the SANs and auxiliary classifiers data-parallel on "
+                   "N GPUs (one process each; san/aux batch_size is the global batch); ensemble members one per GPU")
+    r.add_argument("--reuse-from", action="append", metavar="RUN_DIR",
+                   help="take over finished stages of another run folder whose fingerprint equals this run's")
     r.set_defaults(func=cmd_run)
+
+    sw = sub.add_parser("sweep", help="run every combination of a parameter grid (one run folder each)")
+    sw.add_argument("preset", help="preset name in params/ or a YAML path")
+    sw.add_argument("--grid", required=True, help="YAML mapping of dotted keys to lists of values")
+    sw.add_argument("--jobs", type=int, default=1, help="runs in parallel (default: 1)")
+    sw.add_argument("--name", help="sweep folder under outputs/ (default: the grid file's name)")
+    sw.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a parameter in every run")
+    sw.set_defaults(func=cmd_sweep)
+
+    co = sub.add_parser("compare", help="compare finished runs: differing parameters, privacy-utility frontier")
+    co.add_argument("runs", nargs="+", help="run names under outputs/ (or run folders)")
+    co.add_argument("--out", help="folder for the executed notebook and compare.html (default: outputs/compare-<time>)")
+    co.set_defaults(func=cmd_compare)
 
     rep = sub.add_parser("report", help="render a run's executed notebooks to offline HTML")
     rep.add_argument("run", help="run folder or run name under outputs/")
@@ -122,8 +163,6 @@ def parser() -> argparse.ArgumentParser:
 
     an = sub.add_parser("anonymize", help="detect, align and perturb the faces in a folder of images; writes "
                         "OUTPUT_DIR/<relative path>.png and anonymize.csv, and resumes an interrupted run")
-    r.add_argument("--gpus", type=int, metavar="N", help="train the SANs and auxiliary classifiers data-parallel on "
-                   "N GPUs (one process each; san/aux batch_size is the global batch); ensemble members one per GPU")
     an.add_argument("model", help="trained model folder (e.g. outputs/quick/04_flowsan/flowsan)")
     an.add_argument("input_dir")
     an.add_argument("output_dir", help="new or empty folder (or an earlier run's, to resume), outside input_dir")

@@ -74,7 +74,7 @@ STAGES: tuple[Stage, ...] = (
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
 
-_RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+_RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}")
 
 
 class LayoutError(ValueError):
@@ -91,8 +91,8 @@ def stage_named(name: str, stages=STAGES) -> Stage:
 def check_run_name(name: str) -> str:
     """A run name is one plain folder name under outputs/: no separators, no '..', no hidden names."""
     if not isinstance(name, str) or not _RUN_NAME.fullmatch(name) or ".." in name:
-        raise LayoutError(f"--run-name {name!r} is not a plain folder name: use letters, digits, '.', '_' and '-' "
-                          "(starting with a letter or digit, no '..', at most 100 characters)")
+        raise LayoutError(f"--run-name {name!r} is not a plain folder name: use letters, digits, '.', '_', '+' "
+                          "and '-' (starting with a letter or digit, no '..', at most 100 characters)")
     return name
 
 

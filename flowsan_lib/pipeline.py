@@ -151,6 +151,7 @@ class RunResult:
     run_dir: Path
     ran: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    reused: list[str] = field(default_factory=list)      # taken over from another run (reuse_from)
     seconds: dict[str, float] = field(default_factory=dict)
     report: Path | None = None
 
@@ -245,8 +246,13 @@ def _file_handler(run: RunLayout) -> logging.Handler:
 def run(preset: str, run_name: str | None = None, only=None, from_stage: str | None = None,
         overrides: dict | None = None, force: bool = False, stages=STAGES,
         notebook_dir: Path = NOTEBOOK_DIR, output_dir: Path | None = None,
-        fetch_models: bool = True, report: bool = True, gpus: int | None = None) -> RunResult:
-    """Run the pipeline on a preset; skip up-to-date stages; build the report. gpus: data-parallel processes."""
+        fetch_models: bool = True, report: bool = True, gpus: int | None = None,
+        reuse_from: tuple[Path, ...] = ()) -> RunResult:
+    """Run the pipeline on a preset; skip up-to-date stages; build the report.
+
+    gpus: data-parallel processes. reuse_from: other run folders whose finished stages are taken over
+    (hard links) where their fingerprint equals this run's and their files are intact (sweeps).
+    """
     if gpus is not None:
         overrides = {**(overrides or {}), "gpus": gpus}
     params = config.load(preset, overrides)          # rejects bad params before any work
@@ -263,13 +269,14 @@ def run(preset: str, run_name: str | None = None, only=None, from_stage: str | N
         handler = _file_handler(run_layout)
         log.addHandler(handler)
         try:
-            return _run_locked(run_layout, params, selected, forced, notebook_dir, report, preset)
+            return _run_locked(run_layout, params, selected, forced, notebook_dir, report, preset,
+                               tuple(Path(r) for r in reuse_from))
         finally:
             log.removeHandler(handler)
             handler.close()
 
 
-def _run_locked(run: RunLayout, params, selected, forced, notebook_dir, report, preset) -> RunResult:
+def _run_locked(run: RunLayout, params, selected, forced, notebook_dir, report, preset, reuse_from=()) -> RunResult:
     recover_promotions(run, selected)
     attempt = run.attempt_params_file()
     attempt.parent.mkdir(parents=True, exist_ok=True)
@@ -291,6 +298,12 @@ def _run_locked(run: RunLayout, params, selected, forced, notebook_dir, report, 
             log.info("%s: up to date, skipped", stage.name)
             result.skipped.append(stage.name)
             continue
+        donor = None if stage.name in forced else find_reusable(stage.name, fp, reuse_from, run)
+        if donor is not None:
+            adopt_stage(donor, run, stage.name)
+            log.info("%s: reused from run %s (same fingerprint, files verified)", stage.name, donor.root.name)
+            result.reused.append(stage.name)
+            continue
         log.info("%s: running (%s)", stage.name, state)
         result.seconds[stage.name] = execute_stage(stage, run, notebook_dir, fp)
         result.ran.append(stage.name)
@@ -300,6 +313,37 @@ def _run_locked(run: RunLayout, params, selected, forced, notebook_dir, report, 
         result.report = build_report(run.root)
         log.info("report: %s", result.report.relative_to(run.root))
     return result
+
+
+def find_reusable(stage: str, fp: str, runs: tuple[Path, ...], me: RunLayout) -> RunLayout | None:
+    """A run folder among `runs` whose finished `stage` has fingerprint fp and intact files."""
+    for root in runs:
+        other = RunLayout(Path(root))
+        if other.root.resolve() == me.root.resolve():
+            continue
+        marker = read_marker(other.root, stage)
+        if marker and marker.get("fingerprint") == fp and not tree_problems(other.stage_dir(stage),
+                                                                            marker.get("files", {})):
+            return other
+    return None
+
+
+def adopt_stage(donor: RunLayout, run: RunLayout, stage: str) -> None:
+    """Take over a donor run's finished stage: hard links (a copy across file systems), then promotion."""
+    partial = run.partial_dir(stage)
+    if partial.exists():
+        shutil.rmtree(partial)
+
+    def link(src, dst):
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+    shutil.copytree(donor.stage_dir(stage), partial, copy_function=link)
+    _promote(partial, run.stage_dir(stage))
+    run.notebook_dir.mkdir(exist_ok=True)
+    if donor.executed_notebook(stage).exists():      # the report shows where it was computed
+        shutil.copy2(donor.executed_notebook(stage), run.executed_notebook(stage))
 
 
 def execute_stage(stage: Stage, run: RunLayout, notebook_dir: Path, fp: str) -> float:

@@ -20,5 +20,7 @@ def test_notebook_is_clean(path: Path):
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert all(not c.get("outputs") and c.get("execution_count") is None for c in code), "strip outputs"
     assert "parameters" in code[0].metadata.get("tags", []), "first code cell must be tagged parameters"
-    for name in ("preset", "run_dir", "overrides"):
+    stage_names = {s.name for s in pipeline.STAGES}
+    needed = ("preset", "run_dir", "overrides", "inputs", "out_dir") if path.stem in stage_names else ("runs", "out_dir")
+    for name in needed:
         assert f"{name} =" in code[0].source

@@ -18,6 +18,7 @@ metrics.json schema (`SCHEMA` = "flowsan-evaluate/1"). Every statistic is {"valu
 e.g. no genuine pairs or a one-class resample). `t<k>` keys: t0 = original images, t1..tn stages.
 ```
 headline:  {"n<k>": {method: {mean_eer, mean_tmr_at_fmr_0.001}}}      # summary values only, for the run index
+frontier:  {"t<k>": {method: {auc_dev, tmr_retention, fmr}}}  # every t, unseen models, TMR at FMR 1%
 summary:   {"n<k>": {method: {mean_eer, mean_auc, mean_auc_dev, mean_tmr_at_fmr_0.001,
                               mean_tmr_at_fmr_0.01, tmr_retention,     # paper Table 3, unseen models only
                               mean_tmr_at_fmr_0.001_incl_seen}}}        # ... and over every matcher
@@ -320,6 +321,33 @@ def summary(res: Results, methods, n, unseen_clfs, unseen_matchers) -> dict:
     return out
 
 
+def frontier(res: Results, methods, n, unseen_clfs, unseen_matchers, fmr: float = 1e-2) -> dict:
+    """The privacy-utility point of every method at every t, with bootstrap CIs (unseen models only):
+    mean |AUC - 0.5| over classifiers and test sets, and mean TMR retention (TMR / TMR on originals)
+    at `fmr` over matchers and test sets of the main protocol. {"t<k>": {method: {auc_dev, tmr_retention}}}."""
+    name = f"tmr_at_fmr_{M.fmr_key(fmr)}"
+    out = {}
+    for t in range(0, n + 1):
+        block = {}
+        for method in methods:
+            if method == "ens_best" or (t == 0) != (method == "original"):
+                continue                               # the oracle has no matching numbers
+            g = [v["auc_dev"] for (ts, c, m, tt), v in res.gender.items()
+                 if m == method and tt == t and c in unseen_clfs]
+            ratios = []
+            for (proto, ts, mm, meth, tt), v in res.matching.items():
+                if proto != "different_image" or meth != method or tt != t or mm not in unseen_matchers:
+                    continue
+                base = res.matching.get((proto, ts, mm, "original", 0))
+                if base and base[name][0] > 0:
+                    with np.errstate(all="ignore"):
+                        ratios.append((v[name][0] / base[name][0], v[name][1] / base[name][1]))
+            block[method] = {"auc_dev": _stat(*_mean_reps(g)), "tmr_retention": _stat(*_mean_reps(ratios)),
+                             "fmr": fmr}
+        out[f"t{t}"] = block
+    return out
+
+
 def build_metrics(res: Results, setup: dict, test_info: dict, clf_info: dict, matcher_info: dict,
                   summ: dict, attacks: dict, notes: dict) -> dict:
     """Assemble metrics.json (see the module docstring); NaN becomes null."""
@@ -461,6 +489,7 @@ def run_evaluate_stage(P, *, faces: Path, aux: Path, test_outputs: Path, flowsan
              "seconds_metrics": round(t_metrics - t_scored, 1)}
     summ = summary(res, methods, n, unseen_c, unseen_m)
     metrics = build_metrics(res, setup, test_info, clf_info, matcher_info, summ, attacks_out, notes)
+    metrics["frontier"] = M.nan_to_none(frontier(res, methods, n, unseen_c, unseen_m))
     metrics["setup"]["seconds_total"] = round(time.time() - t_start, 1)
 
     save_scores(stage_dir / "scores.npz", images, test_sets, methods, match_methods, p_male, best_choice,

@@ -1,0 +1,181 @@
+"""`flowsan sweep PRESET --grid GRID.yaml`: every combination of a parameter grid, one run folder each.
+
+A grid is a YAML mapping of dotted parameter keys to lists of values:
+
+    san.gender_target: [flip, uniform]
+    san.w_gender: [1.0, 4.0]
+
+Every combination is validated before any work (unknown keys, empty lists, ill-typed values are
+refused). Runs live in `outputs/<sweep>/<run>/`, each named from its overrides. Stages whose
+fingerprints are equal across runs (typically 01-03) are computed once: first, one run per distinct
+upstream is taken up to the last shared stage, one after the other; then every run goes in parallel
+(`--jobs`), taking over the shared stages from its siblings by hard links (`pipeline.run(reuse_from=)`).
+Each run is a `flowsan run` subprocess: a failing run is reported and does not stop the others; a
+re-run of the sweep resumes (finished stages are skipped, as in any run).
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from . import config, layout
+
+log = logging.getLogger("flowsan.sweep")
+
+
+@dataclass(frozen=True)
+class SweepRun:
+    name: str
+    overrides: dict
+
+
+def read_grid(path: Path) -> dict[str, list]:
+    """The grid file as {dotted key: [values]}; errors name the file and the key."""
+    path = Path(path)
+    if not path.is_file():
+        raise config.ParamError(f"grid file {path} not found")
+    try:
+        grid = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise config.ParamError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(grid, dict) or not grid:
+        raise config.ParamError(f"{path}: a grid is a mapping of dotted keys to lists of values, e.g. "
+                                "'san.w_gender: [1.0, 4.0]'")
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise config.ParamError(f"{path}: '{key}' must be a non-empty list of values, got {values!r}")
+    return grid
+
+
+def _slug(value) -> str:
+    text = "+".join(map(str, value)) if isinstance(value, list) else str(value)
+    return re.sub(r"[^A-Za-z0-9.+_-]", "_", text)
+
+
+def run_name(preset_stem: str, overrides: dict) -> str:
+    """`<preset>_<key>-<value>_...`; too long a name is shortened and made unique by a hash."""
+    import hashlib
+    name = "_".join([preset_stem] + [f"{k}-{_slug(v)}" for k, v in overrides.items()])
+    if len(name) > 90:
+        digest = hashlib.sha256(json.dumps(overrides, sort_keys=True).encode()).hexdigest()[:10]
+        name = f"{name[:78]}-{digest}"
+    return layout.check_run_name(name)
+
+
+def plan(preset: str, grid: dict[str, list], base_overrides: dict | None = None) -> list[SweepRun]:
+    """Every combination, each validated as a full parameter set before any work."""
+    stem = config.preset_path(preset).stem
+    runs = []
+    for combo in itertools.product(*grid.values()):
+        over = dict(zip(grid, combo))
+        config.load(preset, {**(base_overrides or {}), **over})      # raises ParamError naming the key
+        runs.append(SweepRun(run_name(stem, over), over))
+    names = [r.name for r in runs]
+    if len(set(names)) != len(names):
+        raise config.ParamError("two grid combinations map to one run name; make the values distinct")
+    return runs
+
+
+def shared_prefix(preset: str, runs: list[SweepRun], base_overrides: dict | None = None) -> dict[str, list[str]]:
+    """For each stage, the runs that lead a group of runs agreeing on it and everything upstream."""
+    leaders: dict[str, list[str]] = {}
+    for i, stage in enumerate(layout.STAGES):
+        upstream = layout.STAGES[:i + 1]
+        groups: dict[str, list[str]] = {}
+        for r in runs:
+            values = config.to_dict(config.load(preset, {**(base_overrides or {}), **r.overrides}))
+            key = json.dumps([{s: values[s] for st in upstream for s in st.sections}, values["seed"]],
+                             sort_keys=True)
+            groups.setdefault(key, []).append(r.name)
+        shared = [members[0] for members in groups.values() if len(members) > 1]
+        if not shared:
+            break
+        leaders[stage.name] = shared
+    return leaders
+
+
+def _cli(preset: str, r: SweepRun, sweep_dir: Path, base: dict, siblings: list[Path], only=None) -> list[str]:
+    cmd = [sys.executable, "-m", "flowsan_lib.cli", "run", preset, "--run-name", r.name]
+    for k, v in {**base, **r.overrides}.items():
+        cmd += ["--set", f"{k}={json.dumps(v)}"]              # JSON is YAML: values round-trip typed
+    for s in siblings:
+        cmd += ["--reuse-from", str(s)]
+    if only:
+        cmd += ["--only", *only]
+    return cmd
+
+
+def _execute(cmd: list[str], sweep_dir: Path, log_path: Path) -> tuple[int, float]:
+    env = {**os.environ, "FLOWSAN_OUTPUTS": str(sweep_dir)}
+    t0 = time.time()
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a") as out:
+        rc = subprocess.run(cmd, env=env, stdout=out, stderr=subprocess.STDOUT).returncode
+    return rc, time.time() - t0
+
+
+def run_sweep(preset: str, grid_file: Path, jobs: int = 1, name: str | None = None,
+              base_overrides: dict | None = None, output_dir: Path | None = None) -> dict:
+    """Run (or resume) a sweep; returns the summary written to `<sweep>/sweep.json`."""
+    grid = read_grid(grid_file)
+    base = dict(base_overrides or {})
+    runs = plan(preset, grid, base)
+    if jobs < 1:
+        raise config.ParamError(f"--jobs must be >= 1, got {jobs}")
+    sweep_dir = Path(output_dir or layout.output_root()) / layout.check_run_name(name or Path(grid_file).stem)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    siblings = [sweep_dir / r.name for r in runs]
+    log.info("sweep %s: %d runs of %s over %s", sweep_dir.name, len(runs), preset, ", ".join(grid))
+
+    status: dict[str, dict] = {}
+    # 1. shared upstream stages, once per distinct upstream, one after the other
+    leaders = shared_prefix(preset, runs, base)
+    last_shared = list(leaders)
+    for r in runs:
+        stages_led = [s for s in last_shared if r.name in leaders[s]]
+        if not stages_led:
+            continue
+        upto = [s.name for s in layout.STAGES[:layout.STAGE_NAMES.index(stages_led[-1]) + 1]]
+        log.info("shared stages %s: computed in run %s", ", ".join(upto), r.name)
+        rc, secs = _execute(_cli(preset, r, sweep_dir, base, siblings, only=upto), sweep_dir,
+                            sweep_dir / "logs" / f"{r.name}.log")
+        if rc:
+            status[r.name] = {"status": "failed", "rc": rc, "seconds": round(secs, 1), "phase": "shared stages"}
+    # 2. every run, in parallel; failures are recorded, the others go on
+    todo = [r for r in runs if r.name not in status]
+
+    def one(r: SweepRun):
+        rc, secs = _execute(_cli(preset, r, sweep_dir, base, siblings), sweep_dir, sweep_dir / "logs" / f"{r.name}.log")
+        log.info("run %s: %s in %.0f s", r.name, "done" if rc == 0 else f"FAILED (exit {rc})", secs)
+        return r.name, {"status": "done" if rc == 0 else "failed", "rc": rc, "seconds": round(secs, 1)}
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        status.update(dict(pool.map(one, todo)))
+
+    summary = {"preset": preset, "grid": grid, "base_overrides": base,
+               "runs": [{"name": r.name, "overrides": r.overrides, **status[r.name]} for r in runs]}
+    (sweep_dir / "sweep.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def summary_table(summary: dict, sweep_dir: Path):
+    """One row per run: its overrides, status, and headline numbers at t = n (unseen models)."""
+    import pandas as pd
+    from .compare import headline
+    rows = []
+    for r in summary["runs"]:
+        row = {"run": r["name"], **r["overrides"], "status": r["status"], "seconds": r.get("seconds")}
+        if r["status"] == "done":
+            row.update(headline(sweep_dir / r["name"]))
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("run")

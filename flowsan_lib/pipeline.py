@@ -30,6 +30,7 @@ from .integrity import atomic_write_text, hash_tree, tree_problems
 from .layout import MARKER, NOTEBOOK_DIR, PROJECT_ROOT, STAGES, RunLayout, Stage
 
 log = logging.getLogger("flowsan.run")
+log.setLevel(logging.INFO)  # logs/run.log records every run, also when called as a library (no CLI logging setup)
 GLOBAL_KEYS = ("seed",)  # top-level params that change every stage's result
 EXECUTION_KEYS = ("gpus",)  # how a run executes, not what it computes: may change between runs of a folder
 LIBRARY = PROJECT_ROOT / "flowsan_lib"

@@ -56,8 +56,8 @@ def run_sequence(stages, x, bank, y, device, option: str) -> tuple[float, float,
         stages = [common.layered(s) for s in stages]
     common.sync(device)
     t0, c0 = time.perf_counter(), time.process_time()
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=option == "bf16"):
-        out = methods.flow_sequence(stages, x, bank, y, device=device)[-1]
+    # the library's own precision switch (bf16: autocast inside apply_san); x on the device: tensor in/out there
+    out = methods.flow_sequence(stages, x, bank, y, device=device, precision="bf16" if option == "bf16" else "fp32")[-1]
     common.sync(device)
     return time.perf_counter() - t0, time.process_time() - c0, out
 
@@ -67,15 +67,20 @@ def tensor_rows(resolution: int, n_stages: int, n_images: int, options, device, 
     faces = common.real_faces(resolution, 64)
     model = modelio.load_model(make_model_folder(tmp / f"flowsan_{resolution}", faces, n_stages), device)
     f = faces.tiled(n_images)
-    bank = make_bank(model.protos, model.channels, model.warp)
-    run_sequence(model.stages[:1], f.x[:8], bank, f.y[:8], device, "fp32")  # warm-up (allocator, kernels)
+    x, y = f.x.to(device), f.y.to(device)
+    bank = make_bank(model.protos, model.channels, model.warp).to(device)
+    run_sequence(model.stages[:1], x[:8], bank, y[:8], device, "fp32")  # warm-up (allocator, kernels)
+    import flops as flops_mod
+    with torch.no_grad():                              # GFLOP of one SAN on one image
+        g_perturb = flops_mod.count_flops(lambda: model.stages[0].perturb(x[:1], *bank.pair(torch.arange(1), y[:1]))) / 1e9
     rows, ref = [], {}
     for n in range(1, n_stages + 1):
         for opt in options:
             stages = [s.to(device, memory_format=torch.contiguous_format) for s in model.stages[:n]]
             secs, cpus = [], []
+            common.reset_peak_memory(device)
             for _ in range(repeats):
-                s, c, out = run_sequence(stages, f.x, bank, f.y, device, opt)
+                s, c, out = run_sequence(stages, x, bank, y, device, opt)
                 secs.append(s)
                 cpus.append(c)
             levels = methods.to_uint8(out.float()).astype(int)
@@ -83,8 +88,11 @@ def tensor_rows(resolution: int, n_stages: int, n_images: int, options, device, 
                 ref[n] = levels
             diff = int(abs(levels - ref[n]).max()) if n in ref else None
             best = min(secs)
+            peak = common.device_peak_gflops(device, "bf16" if opt == "bf16" else "fp32", torch.get_num_threads())
             rows.append({"mode": "tensor", "resolution": resolution, "n": n, "option": opt, "images": n_images,
                          "seconds": best, "images_per_s": n_images / best, "images_per_cpu_s": n_images / min(cpus),
+                         "gflop_per_image": n * g_perturb, "share_of_peak": n_images / best * n * g_perturb / peak,
+                         "peak_mib": common.peak_memory_mib(device)["peak_mib"],
                          "max_level_diff_vs_fp32": diff,
                          "ok": diff is None or diff <= TOLERANCE_LEVELS.get(opt, 0),
                          "load_average_1min": common.load_average()})
@@ -164,7 +172,8 @@ def main(argv=None) -> int:
     tensor = [r for r in rows if r["mode"] == "tensor"]
     print("tensor in -> tensor out (images/s)")
     print(common.markdown_table(tensor, ["resolution", "n", "option", "images", "images_per_s", "images_per_cpu_s",
-                                         "max_level_diff_vs_fp32", "ok", "load_average_1min"]))
+                                         "share_of_peak", "peak_mib", "max_level_diff_vs_fp32", "ok",
+                                         "load_average_1min"]))
     folder = [r for r in rows if r["mode"] != "tensor"]
     if folder:
         print("folder in -> folder out (photos/s, detection + alignment included)")

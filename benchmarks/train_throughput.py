@@ -70,7 +70,7 @@ MIN_STEPS = 3  # timed steps kept even when the time budget runs out
 def parse_variant(spec: str) -> dict:
     """'fastai:bf16:32:cl:cat' -> {"impl", "precision", "batch", "options": [...]}."""
     parts = VARIANTS.get(spec, spec).split(":")
-    if len(parts) < 3 or parts[0] not in ("plain", "fastai") or parts[1] not in ("fp32", "bf16"):
+    if len(parts) < 3 or parts[0] not in ("plain", "fastai") or parts[1] not in ("fp32", "bf16", "auto"):
         raise SystemExit(f"bad variant {spec!r}: use {', '.join(VARIANTS)} or impl:precision:batch[:option...]")
     bad = set(parts[3:]) - set(OPTIONS)
     if bad:
@@ -199,11 +199,11 @@ def time_fastai(v: dict, faces: common.Faces, san, aux, matcher, device, steps: 
     f = faces.tiled((steps + warmup + 2) * bs)
     desc = descriptors(matcher, f.x, device=device)  # cached before training, as 04_flowsan does
     bank = make_bank(f.protos, 3, False)
-    train = StageData(f.x, f.x, desc, f.y, bank)
+    train = StageData(f.x, f.x, desc, f.y, bank).to(device)   # the training set lives on the device, as in 04
     sp = dataclasses.replace(DEFAULTS, batch_size=bs, precision=v["precision"], epochs=1, match_warmup_epochs=0)
     timer = StepTimer()
     with tempfile.TemporaryDirectory() as tmp:
-        valid = StageData(f.x[:bs], f.x[:bs], desc[:bs], f.y[:bs], bank)
+        valid = StageData(f.x[:bs], f.x[:bs], desc[:bs], f.y[:bs], bank).to(device)
         train_san(san, train, valid, aux, matcher, sp, seed=0, tag="bench", ckpt_dir=Path(tmp) / "ckpt",
                   history=Path(tmp) / "history.csv", params={}, device=device, extra_cbs=[timer])
     return timer.times
@@ -216,6 +216,8 @@ def measure(job: dict) -> dict:
     threads = common.set_threads(job["threads"])
     device = common.pick_device(job["device"])
     v = parse_variant(job["variant"])
+    from flowsan_lib.device import resolve_precision
+    v["precision"] = resolve_precision(v["precision"], device)   # default: auto -> bf16 on a GPU, fp32 on the CPU
     r = job["resolution"]
     faces = common.real_faces(r, 64)
     san, aux, matcher = networks(r, device, v["options"], layered=v["impl"] == "plain")

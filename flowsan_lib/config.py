@@ -99,6 +99,15 @@ class SanParams:
     train_ensemble: bool = True     # also train the independent ensemble baseline
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast (fp32 loss terms) on a CUDA GPU, fp32 on the CPU
     compile: bool = False           # torch.compile the SAN for training and inference (GPU; compile time up front)
+    # --- levers beyond the paper (docs/LEVERS.md); the defaults are the paper's method ---
+    output: Literal["reconstruct", "residual"] = "reconstruct"  # residual: I' = clip(I + eps * tanh(.))
+    eps: float = 8.0                # residual budget in grey levels, (0, 255]
+    seen_classifiers: list[GenderClassifierName] = field(default_factory=list)  # pretrained G's added to J_G
+    input_diversity: bool = False   # random resize-pad, shift, blur, noise, quantisation before J_G (training only)
+    extra_matchers: list[MatcherName] = field(default_factory=list)  # matchers added to M in J_M
+    match_distance: Literal["squared", "cosine"] = "squared"  # J_M per matcher: the paper's, or 1 - cosine
+    stage_epochs: list[int] = field(default_factory=list)      # per-stage epochs (one per stage; [] = epochs)
+    stage_w_gender: list[float] = field(default_factory=list)  # per-stage lambda_3 ([] = w_gender)
 
     def check(self):
         _need(self.n_stages >= 1, "n_stages", "must be >= 1")
@@ -111,6 +120,26 @@ class SanParams:
             _need(getattr(self, k) >= 0, k, "must be >= 0")
         _need(not self.init_from_ensemble or self.train_ensemble, "init_from_ensemble",
               "needs train_ensemble: true")
+        _need(0 < self.eps <= 255, "eps", f"must be in (0, 255] grey levels (got {self.eps})")
+        _need(self.matcher not in self.extra_matchers, "extra_matchers", f"repeats san.matcher {self.matcher!r}")
+        for key in ("stage_epochs", "stage_w_gender"):
+            values = getattr(self, key)
+            _need(not values or len(values) == self.n_stages, key,
+                  f"must list one value per stage (n_stages = {self.n_stages}) or be empty, got {len(values)}")
+        _need(all(e >= 1 for e in self.stage_epochs), "stage_epochs", "every value must be >= 1")
+        _need(all(w >= 0 for w in self.stage_w_gender), "stage_w_gender", "every value must be >= 0")
+
+    def seen_matchers(self) -> list[str]:
+        return [self.matcher, *self.extra_matchers]
+
+    def for_stage(self, i: int) -> "SanParams":
+        """The parameters of stage i (1-based) after the per-stage schedules."""
+        over = {}
+        if self.stage_epochs:
+            over["epochs"] = self.stage_epochs[i - 1]
+        if self.stage_w_gender:
+            over["w_gender"] = self.stage_w_gender[i - 1]
+        return dataclasses.replace(self, **over) if over else self
 
 
 @dataclass
@@ -150,6 +179,9 @@ class RunParams:
             _need(bs % self.gpus == 0, f"{sec}.batch_size",
                   f"is the global batch, split over gpus = {self.gpus} processes: make it a multiple of {self.gpus} "
                   f"(got {bs})")
+        both = sorted(set(self.san.seen_classifiers) & set(self.evaluate.classifiers))
+        _need(not both, "evaluate.classifiers", f"lists {both}, which san.seen_classifiers puts in the SAN loss: "
+              "a seen classifier cannot also be an unseen evaluator; remove it from one of the two lists")
         _need(self.aux.n_classifiers >= self.san.n_stages, "aux.n_classifiers",
               f"must be >= san.n_stages ({self.san.n_stages}): each SAN stage needs its own G_i "
               f"(got {self.aux.n_classifiers})")

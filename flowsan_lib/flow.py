@@ -24,7 +24,7 @@ from fastai.callback.core import Callback
 
 from .device import module_device, pick_device, require_on, resolve_precision, same_device
 from .losses import SanLoss
-from .methods import apply_san, as_float, to_images
+from .methods import apply_san, as_float
 from .integrity import sha256_file
 from .modelio import ModelError, read_san, save_san
 from .models.san import SAN
@@ -112,7 +112,7 @@ def cached_descriptors(matcher, name: str, gray: np.ndarray, path: Path, device=
 def san_loss(sp, gender, matcher) -> SanLoss:
     """The loss of one SAN from SanParams, with its frozen G_i and the shared M."""
     return SanLoss(gender, matcher, sp.w_pixel, sp.w_match, sp.w_gender, sp.pixel_loss, sp.pixel_target,
-                   MATCH_REDUCTION, sp.gender_target)
+                   MATCH_REDUCTION, sp.gender_target, sp.match_distance, sp.input_diversity)
 
 
 def frozen_for_loss(net, device):
@@ -171,6 +171,21 @@ def _san_worker(state: dict, config: dict, train: StageData, valid: StageData, g
     _fit_san(san, train.to(device), valid.to(device), on(gender), on(matcher), sp, device=device, **kw)
 
 
+class DiversitySeed(Callback):
+    """Input diversity (levers.input_diversity) on training batches only, seeded by (seed, epoch, batch):
+    a resumed run draws the same transforms; validation batches see the outputs as they are."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def before_batch(self):
+        self.loss_func.diversity_seed = derive_seed(self.seed, "diversity", self.epoch, self.iter) \
+            if self.training else None
+
+    def before_validate(self):
+        self.loss_func.diversity_seed = None
+
+
 class MatchShare(Callback):
     """Data parallel: each process weighs its share of the batch-summed J_M by the number of processes
     in training (see SanLoss.match_scale); validation runs the whole set in every process, unweighted."""
@@ -194,7 +209,7 @@ def _fit_san(san: SAN, train: StageData, valid: StageData, gender, matcher, sp, 
         san.to(memory_format=torch.channels_last)     # tensor-core friendly layout; the same values
     if sp.compile:
         san.compile()                                 # in place: the state_dict keys stay the same
-    learn = build_learner(san, make_dls(tl, vl, n_inp=3), loss, cbs=[MatchWarmup(sp.match_warmup_epochs), MatchShare()],
+    learn = build_learner(san, make_dls(tl, vl, n_inp=3), loss, cbs=[MatchWarmup(sp.match_warmup_epochs), MatchShare(), DiversitySeed(seed)],
                           precision=resolve_precision(sp.precision, device))
     summary = fit_resumable(learn, sp.epochs, sp.lr, ckpt_dir, params, tag, history, seed, extra_cbs=extra_cbs,
                             batch_param="san.batch_size")
@@ -204,11 +219,23 @@ def _fit_san(san: SAN, train: StageData, valid: StageData, gender, matcher, sp, 
 
 # --- training FlowSAN and the ensemble -------------------------------------------------------
 
+LEVERS = ("output", "eps", "seen_classifiers", "input_diversity", "extra_matchers", "match_distance",
+          "stage_w_gender")
+
+
 def san_params_dict(sp) -> dict:
-    """SanParams a SAN's weights depend on (epochs and counts excluded, so a run can be extended)."""
+    """SanParams a SAN's weights depend on (epochs and counts excluded, so a run can be extended).
+
+    Levers at their defaults (the paper's method) are left out, so SANs trained before the levers
+    existed still match; eps only counts for a residual SAN.
+    """
     d = dataclasses.asdict(sp)
-    for k in ("epochs", "n_stages", "train_ensemble", "compile"):
+    for k in ("epochs", "n_stages", "train_ensemble", "compile", "stage_epochs"):
         d.pop(k)
+    default = dataclasses.asdict(type(sp)())
+    for k in LEVERS:
+        if d[k] == default[k] or (k == "eps" and sp.output != "residual"):
+            d.pop(k)
     return d
 
 
@@ -240,7 +267,8 @@ def _train_or_load(role: str, i: int, sp, seed: int, train: StageData, valid: St
         print(f"[{tag}] done earlier ({final.name}); loaded", flush=True)
         return san.to(device), {**meta.get("summary", {}), "loaded": True}
     torch.manual_seed(derive_seed(seed, "san-init", i))  # the same start for FlowSAN stage i and member i
-    san = SAN(params["resolution"], train.bank.channels, sp.width)  # CPU generator: the same start on any device
+    san = SAN(params["resolution"], train.bank.channels, sp.width,   # CPU generator: the same start on any device
+              residual_eps=sp.eps if sp.output == "residual" else 0.0)
     if init is not None:
         san.load_state_dict(init.state_dict())
     san = san.to(device)                                 # a fresh module: created here, then trained in place
@@ -272,8 +300,9 @@ def train_ensemble(sp, seed: int, train: StageData, valid: StageData, aux: list,
                use_cuda=device.type == "cuda", distributed=False)
     members, info = [], []
     for i in range(1, n + 1):
-        params = _stage_params(base, sp, "ensemble", i, _aux_sha(aux[i - 1]), "original", "scratch")
-        san, s = _train_or_load("ensemble", i, sp, seed, train, valid, aux[i - 1], matcher, folder, ckpt_root,
+        spi = sp.for_stage(i)
+        params = _stage_params(base, spi, "ensemble", i, _aux_sha(aux[i - 1]), "original", "scratch")
+        san, s = _train_or_load("ensemble", i, spi, seed, train, valid, aux[i - 1], matcher, folder, ckpt_root,
                                 hist_root, params, None, device, extra_cbs)
         if gpus > 1 and i in todo:
             s = {**s, "loaded": False, "parallel_members": True}
@@ -291,9 +320,9 @@ def _members_worker(w: int, todo: list[int], sp, seed, train, valid, aux, matche
     train, valid = train.to(device), valid.to(device)
     matcher = None if matcher is None else matcher.to(device)
     for i in todo[r::w]:
-        g = aux[i - 1].to(device)
-        params = _stage_params(base, sp, "ensemble", i, _aux_sha(g), "original", "scratch")
-        _train_or_load("ensemble", i, sp, seed, train, valid, g, matcher, folder, ckpt_root, hist_root, params,
+        g, spi = aux[i - 1].to(device), sp.for_stage(i)
+        params = _stage_params(base, spi, "ensemble", i, _aux_sha(g), "original", "scratch")
+        _train_or_load("ensemble", i, spi, seed, train, valid, g, matcher, folder, ckpt_root, hist_root, params,
                        None, device, None)
 
 
@@ -318,13 +347,14 @@ def train_flowsan(sp, seed: int, train: StageData, valid: StageData, aux: list, 
             x_va = apply_san(stages[-1], x_va, valid.bank, valid.y, transform_bs, device, precision="fp32")
             t_transform = time.time() - t0
         init = members[i - 1] if sp.init_from_ensemble and members else None
-        params = _stage_params(base, sp, "flowsan", i, _aux_sha(aux[i - 1]), prev,
+        spi = sp.for_stage(i)
+        params = _stage_params(base, spi, "flowsan", i, _aux_sha(aux[i - 1]), prev,
                                "ensemble" if init is not None else "scratch")
         if i == 1 and init is None and members:
             san, s = _share_member(members[0], folder, params)
             s["seconds"] = (members_info or [{}])[0].get("seconds", 0.0)  # the training it shares
         else:
-            san, s = _train_or_load("flowsan", i, sp, seed, train.with_inputs(x_tr), valid.with_inputs(x_va),
+            san, s = _train_or_load("flowsan", i, spi, seed, train.with_inputs(x_tr), valid.with_inputs(x_va),
                                     aux[i - 1], matcher, folder, ckpt_root, hist_root, params, init, device,
                                     extra_cbs, gpus)
         stages.append(san)

@@ -11,12 +11,13 @@ import numpy as np
 import torch
 
 from .flow import StageData, base_params, cached_descriptors, descriptors, train_ensemble, train_flowsan
-from .methods import (ens_best, flow_sequence, gibbs_picks, load_test_outputs, member_outputs, to_images,
-                      to_uint8, write_test_outputs)
+from .methods import (ens_best, flow_sequence, gibbs_picks, load_test_outputs, member_outputs, to_uint8,
+                      write_test_outputs)
 from .modelio import ModelError, save_model
 from .models.aux_cnn import AuxGenderCNN, load_aux
 from .prototypes import ProtoBank, load_prototypes, make_bank
 from .device import module_device, pick_device, resolve_precision
+from .levers import loss_classifiers, loss_matcher
 
 
 @torch.no_grad()
@@ -103,7 +104,6 @@ def run_flowsan_stage(P, *, faces: Path, prototypes: Path, aux: Path, out: Path,
     faces: the 01_data folder; prototypes: 02's prototypes.safetensors; aux: the 03 folder; out: where to write.
     """
     from .data import load_faces
-    from .models.interfaces import load_matcher
     t_start = time.time()
     stage_dir = Path(out)
     device = pick_device(P.device)                    # decided once; everything below is created on it
@@ -119,9 +119,10 @@ def run_flowsan_stage(P, *, faces: Path, prototypes: Path, aux: Path, out: Path,
     for g in aux:
         if g.resolution != r:
             raise ModelError(f"auxiliary classifier {g.name} was trained at {g.resolution} px, faces are {r} px")
-    matcher = load_matcher(sp.matcher, device)
+    matcher, m_name = loss_matcher(sp, device), "+".join(sp.seen_matchers())
+    gender_nets = loss_classifiers(aux, sp, device)   # J_G of each stage: G_i (+ san.seen_classifiers)
     t0 = time.time()
-    desc = cached_descriptors(matcher, sp.matcher, fs.gray, stage_dir / "descriptors.safetensors", device)
+    desc = cached_descriptors(matcher, m_name, fs.gray, stage_dir / "descriptors.safetensors", device)
     t_desc = time.time() - t0
     t0 = time.time()
     bank = make_bank(protos, P.prototypes.channels, P.prototypes.warp, fs.landmarks)
@@ -134,11 +135,11 @@ def run_flowsan_stage(P, *, faces: Path, prototypes: Path, aux: Path, out: Path,
     hist.mkdir(parents=True, exist_ok=True)
     members, ens_info = [], []
     if sp.train_ensemble:
-        members, ens_info = train_ensemble(sp, P.seed, train, valid, aux, matcher, stage_dir / "ensemble", ckpt,
-                                           hist, base, device, extra_cbs, gpus=P.gpus)
-    stages, flow_info = train_flowsan(sp, P.seed, train, valid, aux, matcher, stage_dir / "flowsan", ckpt, hist,
-                                      base, members, device, extra_cbs, members_info=ens_info, gpus=P.gpus)
-    prov = {"name": sp.matcher, **getattr(matcher, "provenance", {})}
+        members, ens_info = train_ensemble(sp, P.seed, train, valid, gender_nets, matcher, stage_dir / "ensemble",
+                                           ckpt, hist, base, device, extra_cbs, gpus=P.gpus)
+    stages, flow_info = train_flowsan(sp, P.seed, train, valid, gender_nets, matcher, stage_dir / "flowsan", ckpt,
+                                      hist, base, members, device, extra_cbs, members_info=ens_info, gpus=P.gpus)
+    prov = {"name": m_name, **getattr(matcher, "provenance", {})}
     meta = {"params": {"seed": P.seed, "san": dataclasses.asdict(sp), "prototypes": dataclasses.asdict(P.prototypes),
                        "aux": dataclasses.asdict(P.aux)}, "matcher": prov}
     save_model(stage_dir / "flowsan", "flowsan", stages, protos_file, meta["params"], prov, aux[:1])
@@ -159,7 +160,7 @@ def run_flowsan_stage(P, *, faces: Path, prototypes: Path, aux: Path, out: Path,
     seen = seen_metrics(aux, matcher, load_test_outputs(stage_dir / "outputs_test.npz"), P.seed)
     metrics = {
         "resolution": r, "n_train": len(train), "n_val": len(valid), "n_test": len(test_rows),
-        "n_stages": sp.n_stages, "epochs": sp.epochs, "precision": sp.precision, "matcher": sp.matcher,
+        "n_stages": sp.n_stages, "epochs": sp.epochs, "precision": sp.precision, "matcher": m_name,
         "device": str(device), "gpus": P.gpus,
         "seconds": {"descriptors": round(t_desc, 2), "prototype_bank": round(t_bank, 2),
                     "flowsan_train": [s.get("seconds", 0.0) for s in flow_info],

@@ -20,14 +20,24 @@ def pixel_loss(out: torch.Tensor, target: torch.Tensor, kind: str = "l1") -> tor
     raise ValueError(f"unknown pixel loss {kind!r}; use 'l1' or 'bce'")
 
 
-def match_loss(d_sm: torch.Tensor, d_op: torch.Tensor, d_orig: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
-    """J_M: squared distance of mean(R(I'_sm), R(I'_op)) to the ORIGINAL image's descriptor R(I).
+def match_loss(d_sm: torch.Tensor, d_op: torch.Tensor, d_orig: torch.Tensor, reduction: str = "sum",
+               distance: str = "squared", dims: list[int] | None = None) -> torch.Tensor:
+    """J_M: distance of mean(R(I'_sm), R(I'_op)) to the ORIGINAL image's descriptor R(I).
 
-    reduction "sum" sums over batch and descriptor dims as the original code (so the weight scales
-    with the batch size); "mean" sums over dims and averages over the batch (batch-size free).
+    distance "squared" (paper): squared Euclidean distance, summed over the matchers whose descriptors
+    are concatenated (`dims`: their sizes); "cosine": 1 - cosine similarity per matcher, summed.
+    reduction "sum" sums over the batch as the original code (so the weight scales with the batch
+    size); "mean" averages over the batch (batch-size free).
     """
-    diff = (d_sm.float() + d_op.float()) / 2 - d_orig.float().detach()
-    per_image = diff.pow(2).sum(1)
+    mean = (d_sm.float() + d_op.float()) / 2
+    ref = d_orig.float().detach()
+    if distance == "squared":
+        per_image = (mean - ref).pow(2).sum(1)
+    elif distance == "cosine":
+        parts = zip(mean.split(dims or [mean.shape[1]], 1), ref.split(dims or [ref.shape[1]], 1))
+        per_image = sum(1 - F.cosine_similarity(a, b, dim=1) for a, b in parts)
+    else:
+        raise ValueError(f"unknown match distance {distance!r}; use 'squared' or 'cosine'")
     if reduction == "sum":
         return per_image.sum()
     if reduction == "mean":
@@ -36,7 +46,8 @@ def match_loss(d_sm: torch.Tensor, d_op: torch.Tensor, d_orig: torch.Tensor, red
 
 
 def gender_logit(g: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Log-odds of male from a GenderClassifier; exact when it exposes `logit`, else from P(male)."""
+    """Log-odds of male from a GenderClassifier ([B], or [B, K] from a levers.GenderEnsemble); exact when it
+    exposes `logit`, else from P(male)."""
     if hasattr(g, "logit"):
         return g.logit(x).float()
     p = g(x).float().clamp(1e-6, 1 - 1e-6)
@@ -48,8 +59,11 @@ def gender_loss(z_sm: torch.Tensor, z_op: torch.Tensor, y: torch.Tensor, target:
 
     target "flip" (paper): t_op = 1 - y, the SAN learns to flip G; "uniform": t_op = 0.5, the SAN
     learns to make G undecided (a knob beyond the paper: flipping a seen classifier is not privacy).
+    z_sm, z_op: [B] logits of one classifier, or [B, K] of K classifiers (averaged over all of them).
     """
     y = y.float()
+    if z_sm.ndim == 2:
+        y = y[:, None].expand_as(z_sm)
     if target == "flip":
         t_op = 1 - y
     elif target == "uniform":
@@ -72,12 +86,15 @@ class SanLoss(nn.Module):
 
     def __init__(self, gender: nn.Module, matcher: nn.Module | None = None, w_pixel: float = 1.0,
                  w_match: float = 8.0, w_gender: float = 1.0, pixel: str = "l1", pixel_target: str = "original",
-                 match_reduction: str = "sum", gender_target: str = "flip"):
+                 match_reduction: str = "sum", gender_target: str = "flip", match_distance: str = "squared",
+                 diversity: bool = False):
         super().__init__()
         self.gender, self.matcher = gender, matcher
         self.w_pixel, self.w_match, self.w_gender = w_pixel, w_match, w_gender
         self.pixel, self.pixel_target = pixel, pixel_target
         self.match_reduction, self.gender_target = match_reduction, gender_target
+        self.match_distance, self.diversity = match_distance, diversity
+        self.diversity_seed = None        # set per training batch by flow.LossPhase; None = no diversity
         self.use_match = True
         self.match_scale = 1
         self.last: dict[str, torch.Tensor] = {}
@@ -92,12 +109,17 @@ class SanLoss(nn.Module):
         j_m = zero
         if self.use_match and self.w_match and self.matcher is not None:
             d = self.matcher(both)
-            j_m = match_loss(d[:n], d[n:], desc_orig, self.match_reduction)
+            j_m = match_loss(d[:n], d[n:], desc_orig, self.match_reduction, self.match_distance,
+                             getattr(self.matcher, "dims", None))
             if self.match_reduction == "sum":
                 j_m = j_m * self.match_scale
         j_g = zero
         if self.w_gender:
-            z = gender_logit(self.gender, both)
+            seen = both
+            if self.diversity and self.diversity_seed is not None:   # training batches only
+                from .levers import input_diversity
+                seen = input_diversity(both, self.diversity_seed)
+            z = gender_logit(self.gender, seen)
             j_g = gender_loss(z[:n], z[n:], y, self.gender_target)
         self.last = {"J_D": j_d.detach(), "J_M": j_m.detach(), "J_G": j_g.detach()}
         return self.w_pixel * j_d + self.w_match * j_m + self.w_gender * j_g

@@ -347,15 +347,36 @@ def adopt_stage(donor: RunLayout, run: RunLayout, stage: str) -> None:
         shutil.copy2(donor.executed_notebook(stage), run.executed_notebook(stage))
 
 
+ATTEMPT = ".attempt.json"
+
+
+def prepare_partial(run: RunLayout, stage: str, fp: str) -> Path:
+    """<stage>.partial for an attempt with fingerprint fp: an interrupted attempt with the same fingerprint
+    is resumed from its checkpoints; one made with other parameters, code or inputs is discarded."""
+    partial = run.partial_dir(stage)
+    if partial.exists():
+        try:
+            before = json.loads((partial / ATTEMPT).read_text()).get("fingerprint")
+        except (OSError, json.JSONDecodeError):
+            before = None
+        if before == fp:
+            log.info("%s: resuming the interrupted attempt in %s", stage, partial.name)
+        else:
+            log.info("%s: discarding an interrupted attempt made with other parameters, code or inputs", stage)
+            shutil.rmtree(partial)
+    partial.mkdir(parents=True, exist_ok=True)
+    (partial / MARKER).unlink(missing_ok=True)
+    atomic_write_text(partial / ATTEMPT, json.dumps({"fingerprint": fp}))
+    return partial
+
+
 def execute_stage(stage: Stage, run: RunLayout, notebook_dir: Path, fp: str) -> float:
     """Execute one stage notebook into <stage>.partial and promote it on success."""
     import papermill as pm
 
     from .kernel import QuietKernelManager, StageOutput
 
-    partial = run.partial_dir(stage.name)
-    partial.mkdir(parents=True, exist_ok=True)       # kept from an interrupted attempt: resume from it
-    (partial / MARKER).unlink(missing_ok=True)
+    partial = prepare_partial(run, stage.name, fp)
     attempt_nb = run.executed_notebook(stage.name, "attempt")
     attempt_nb.parent.mkdir(exist_ok=True)
     stage_log = run.stage_log(stage.name, "attempt")  # replaces the finished stage's log only on success
@@ -391,7 +412,7 @@ def execute_stage(stage: Stage, run: RunLayout, notebook_dir: Path, fp: str) -> 
     seconds = time.time() - t0
     atomic_write_text(partial / MARKER, json.dumps(
         {"fingerprint": fp, "seconds": round(seconds, 1), "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
-         "files": hash_tree(partial, skip=(MARKER,))}, indent=1))
+         "files": hash_tree(partial, skip=(MARKER, ATTEMPT))}, indent=1))
     _promote(partial, run.stage_dir(stage.name))
     attempt_nb.replace(run.executed_notebook(stage.name))
     stage_log.replace(run.stage_log(stage.name))

@@ -399,7 +399,7 @@ def build_suite(P, faces, stage_dir: Path, device, n: int, aux_dir: Path | None 
         classifiers += suite.classical_suite(gray[tr], is_male[tr], P.seed, log)
     if aux_dir is not None and aux_dir.exists() and n > 0:
         classifiers += suite.auxiliary_classifiers(aux_dir, n, device)
-    matchers = suite.matchers(E.matchers, P.san.matcher, device)
+    matchers = suite.matchers(E.matchers, P.san.seen_matchers(), device)
     return classifiers, matchers, history
 
 
@@ -485,6 +485,7 @@ def run_evaluate_stage(P, *, faces: Path, aux: Path, test_outputs: Path, flowsan
     setup = {"schema": SCHEMA, "n_stages": n, "n_test_images": N, "seed": P.seed,
              "n_bootstrap": P.evaluate.n_bootstrap, "n_impostor": P.evaluate.n_impostor,
              "methods": ",".join(methods), "seen_matcher": P.san.matcher, "device": str(device),
+             "seen_models": {"matchers": P.san.seen_matchers(), "classifiers": list(P.san.seen_classifiers)},
              "seconds_models": round(t_models - t_start, 1), "seconds_scoring": round(t_scored - t_models, 1),
              "seconds_metrics": round(t_metrics - t_scored, 1)}
     summ = summary(res, methods, n, unseen_c, unseen_m)

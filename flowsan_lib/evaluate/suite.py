@@ -84,15 +84,16 @@ def pretrained_classifiers(names, device) -> list[TorchClassifier]:
 SAME_NETWORK = {"faceapi": {"dlib"}, "dlib": {"faceapi"}}
 
 
-def is_seen_matcher(name: str, aux_matcher: str) -> bool:
-    """True for the SAN's auxiliary matcher and for any copy of its network."""
-    return name == aux_matcher or name in SAME_NETWORK.get(aux_matcher, set())
+def is_seen_matcher(name: str, seen: str | list[str]) -> bool:
+    """True for a matcher the SAN loss used (san.matcher, san.extra_matchers) and for any copy of one."""
+    seen = [seen] if isinstance(seen, str) else list(seen)
+    return any(name == s or name in SAME_NETWORK.get(s, set()) for s in seen)
 
 
-def matchers(names, aux_matcher: str, device) -> list[TorchMatcher]:
-    """The face matchers named in EvalParams.matchers; the auxiliary matcher and its copies are flagged seen."""
+def matchers(names, seen: str | list[str], device) -> list[TorchMatcher]:
+    """The face matchers named in EvalParams.matchers; those the SAN loss used, and their copies, flagged seen."""
     from ..models import load_matcher
-    return [TorchMatcher(load_matcher(n, device), seen=is_seen_matcher(n, aux_matcher), device=device) for n in names]
+    return [TorchMatcher(load_matcher(n, device), seen=is_seen_matcher(n, seen), device=device) for n in names]
 
 
 def inhouse_classifiers(faces_gray, source, split, is_male, epochs: int, folder, device, seed: int,

@@ -55,11 +55,16 @@ def _conv(cin: int, cout: int) -> nn.Sequential:
 class SAN(nn.Module):
     """Semi-adversarial autoencoder: (I, P_sm, P_op) -> (I'_sm, I'_op), all in [0,1]."""
 
-    def __init__(self, resolution: int = 64, proto_channels: int = 3, width: float = 1.0):
+    def __init__(self, resolution: int = 64, proto_channels: int = 3, width: float = 1.0, residual_eps: float = 0.0):
         super().__init__()
         if resolution % 4:
             raise ValueError(f"SAN resolution must be a multiple of 4 (two 2x poolings), got {resolution}")
+        if not 0 <= residual_eps <= 255:
+            raise ValueError(f"SAN residual_eps must be in [0, 255] grey levels (0 = full reconstruction), got {residual_eps}")
         self.resolution, self.proto_channels, self.width = resolution, proto_channels, width
+        # 0: the paper's network, output = sigmoid(combiner). > 0: residual, output = clip(I + eps * tanh(combiner))
+        # with eps in grey levels, so every pixel moves by at most eps and J_D measures the perturbation.
+        self.residual_eps = float(residual_eps)
         c1, c2 = max(1, round(256 * width)), max(1, round(128 * width))
         self.encoder = nn.Sequential(_conv(1 + proto_channels, 8), nn.AvgPool2d(2), _conv(8, 12), nn.AvgPool2d(2))
         self.decoder = nn.Sequential(_conv(12, c1), nn.Upsample(scale_factor=2, mode="nearest"),
@@ -68,7 +73,16 @@ class SAN(nn.Module):
 
     def config(self) -> dict:
         """Constructor arguments, saved beside the weights."""
-        return {"resolution": self.resolution, "proto_channels": self.proto_channels, "width": self.width}
+        cfg = {"resolution": self.resolution, "proto_channels": self.proto_channels, "width": self.width}
+        if self.residual_eps:                          # absent for the paper's SAN: old files load unchanged
+            cfg["residual_eps"] = self.residual_eps
+        return cfg
+
+    def output(self, logit: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The image from the combiner's logit: sigmoid (paper), or the input plus a bounded residual."""
+        if not self.residual_eps:
+            return torch.sigmoid(logit)
+        return (x.to(logit.dtype) + (self.residual_eps / 255) * torch.tanh(logit)).clamp(0, 1)
 
     def check_inputs(self, x: torch.Tensor, p_sm: torch.Tensor, p_op: torch.Tensor) -> None:
         r, c = self.resolution, self.proto_channels
@@ -78,17 +92,17 @@ class SAN(nn.Module):
             if p.ndim != 4 or p.shape[1] != c or tuple(p.shape[-2:]) != (r, r) or p.shape[0] not in (1, x.shape[0]):
                 raise ValueError(f"SAN expects {name} [B or 1,{c},{r},{r}], got {list(p.shape)}")
 
-    def combine(self, feats: torch.Tensor, proto: torch.Tensor) -> torch.Tensor:
+    def combine(self, feats: torch.Tensor, proto: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """1x1 combiner of full-size decoder features and one prototype -> image in [0,1]."""
         proto = proto.to(feats.dtype).expand(feats.shape[0], -1, -1, -1)
-        return torch.sigmoid(self.combiner(torch.cat([feats, proto], 1)))
+        return self.output(self.combiner(torch.cat([feats, proto], 1)), x)
 
     def reference_forward(self, x: torch.Tensor, p_sm: torch.Tensor, p_op: torch.Tensor):
         """`forward` computed layer by layer as the original network (slower; the same values)."""
         self.check_inputs(x, p_sm, p_op)
         p_sm_b = p_sm.to(x.dtype).expand(x.shape[0], -1, -1, -1)
         feats = self.decoder(self.encoder(torch.cat([x, p_sm_b], 1)))
-        return self.combine(feats, p_sm), self.combine(feats, p_op)
+        return self.combine(feats, p_sm, x), self.combine(feats, p_op, x)
 
     def feature_term(self, x: torch.Tensor, p_sm: torch.Tensor) -> torch.Tensor:
         """The combiner's feature part, w_f . decoder(encoder(x, P_sm)), as [B,1,R,R]."""
@@ -99,8 +113,8 @@ class SAN(nn.Module):
         f = upsample_conv3x3_1x1(a, conv2, act2, w_f)                  # [B,1,R/2,R/2]
         return F.interpolate(f, scale_factor=2, mode="nearest")
 
-    def prototype_term(self, f_term: torch.Tensor, proto: torch.Tensor) -> torch.Tensor:
-        """sigmoid(feature term + the combiner's prototype part + bias): one output image.
+    def prototype_term(self, f_term: torch.Tensor, proto: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """output(feature term + the combiner's prototype part + bias): one output image.
 
         The prototype part is an explicit per-channel sum, not a conv: a conv's rounding depends on
         the prototype's memory layout (a channels-last bank gave outputs 6e-8 apart), this does not.
@@ -110,18 +124,18 @@ class SAN(nn.Module):
         term = self.combiner.bias.view(1, 1, 1, 1) + proto[:, :1] * w_p[0]
         for c in range(1, self.proto_channels):
             term = term + proto[:, c:c + 1] * w_p[c]
-        return torch.sigmoid(f_term + term)
+        return self.output(f_term + term, x)
 
     def forward(self, x: torch.Tensor, p_sm: torch.Tensor, p_op: torch.Tensor):
         """x [B,1,R,R], prototypes [B or 1,C,R,R] -> (I'_sm, I'_op), each [B,1,R,R]."""
         self.check_inputs(x, p_sm, p_op)
         f = self.feature_term(x, p_sm)
-        return self.prototype_term(f, p_sm), self.prototype_term(f, p_op)
+        return self.prototype_term(f, p_sm, x), self.prototype_term(f, p_op, x)
 
     def perturb(self, x: torch.Tensor, p_sm: torch.Tensor, p_op: torch.Tensor) -> torch.Tensor:
         """The privacy output I' = I'_op only (what inference keeps)."""
         self.check_inputs(x, p_sm, p_op)
-        return self.prototype_term(self.feature_term(x, p_sm), p_op)
+        return self.prototype_term(self.feature_term(x, p_sm), p_op, x)
 
 
 def n_params(model: nn.Module) -> int:

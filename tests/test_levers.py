@@ -1,0 +1,175 @@
+"""Levers beyond the paper change the computation as documented (docs/LEVERS.md), on real faces."""
+from __future__ import annotations
+
+import pytest
+import torch
+from fastai.callback.core import Callback
+
+from flowsan_lib import config
+from flowsan_lib.config import SanParams
+from flowsan_lib.flow import StageData, san_loss, san_params_dict, train_flowsan
+from flowsan_lib.levers import GenderEnsemble, MatcherStack, input_diversity, loss_classifiers
+from flowsan_lib.losses import match_loss
+from flowsan_lib.models.aux_cnn import AuxGenderCNN, freeze
+from flowsan_lib.models.san import SAN
+from flowsan_lib.prototypes import make_bank, mean_faces
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def faces(tiny_faces):
+    x, y = tiny_faces.images(), torch.from_numpy(tiny_faces.gender)
+    protos = mean_faces(tiny_faces.gray, tiny_faces.rgb, tiny_faces.landmarks, tiny_faces.gender)["tensors"]["rgb"]
+    return x, y, protos
+
+
+def _g(seed):
+    torch.manual_seed(seed)
+    return freeze(AuxGenderCNN(32, "small", name=f"G{seed}"))
+
+
+@pytest.mark.parametrize("eps", [2.0, 8.0, 255.0])
+def test_residual_output_stays_within_eps_of_the_input(faces, eps):
+    x, y, p = faces
+    torch.manual_seed(0)
+    san = SAN(32, 3, 0.25, residual_eps=eps)
+    with torch.no_grad():
+        for w in san.parameters():
+            w.mul_(20)                                        # saturate tanh: the budget must still hold
+        out_sm, out_op = san(x, p[y], p[1 - y])
+        ref = san.reference_forward(x, p[y], p[1 - y])
+    for out in (out_sm, out_op):
+        assert (out - x).abs().max().item() <= eps / 255 + 1e-6
+        assert (out - x).abs().max().item() > min(eps, 8) / 255 / 2      # it does move pixels
+    assert torch.allclose(out_op, ref[1], atol=1e-6)
+    assert SAN(**san.config()).residual_eps == eps                      # saved with the weights
+    assert "residual_eps" not in SAN(32, 3, 0.25).config()             # the paper's SAN files are unchanged
+
+
+def test_residual_sanparams_build_a_residual_san(faces, tmp_path, faceapi_matcher):
+    x, y, protos_rgb = faces
+    tf_protos = {"rgb": protos_rgb}
+    bank = make_bank({**tf_protos, "gray": protos_rgb.mean(1, keepdim=True)}, 3, False)
+    with torch.no_grad():
+        desc = faceapi_matcher(x)
+    data = StageData(x, x, desc, y.float(), bank)
+    sp = SanParams(n_stages=1, epochs=1, batch_size=4, width=0.25, precision="fp32", output="residual", eps=4.0)
+    stages, _ = train_flowsan(sp, 1, data, data, [_g(1)], faceapi_matcher, tmp_path / "f", tmp_path / "ck",
+                              tmp_path / "h", {"seed": 1, "resolution": 32})
+    assert stages[0].residual_eps == 4.0
+    with torch.no_grad():
+        out = stages[0].perturb(x, *bank.pair(torch.arange(8), y.float()))
+    assert (out - x).abs().max().item() <= 4 / 255 + 1e-6
+
+
+def test_seen_pretrained_classifier_joins_j_g(faces):
+    """The stage's G_i plus a pretrained classifier: J_G is the mean of their cross-entropies."""
+    from flowsan_lib.models.fetch import FetchError
+    x, y, _ = faces
+    sp = SanParams(seen_classifiers=["cydral_gender"])
+    try:
+        nets = loss_classifiers([_g(1), _g(2)], sp, "cpu")
+    except FetchError as e:
+        pytest.skip(f"weights not fetched: {e}")
+    assert [type(n) for n in nets] == [GenderEnsemble, GenderEnsemble]
+    assert [m.name for m in nets[0].members] == ["G1", "cydral_gender"]
+    assert nets[0].members[1] is nets[1].members[1]              # loaded once, shared by the stages
+    z = nets[0].logit(x)
+    assert z.shape == (8, 2)
+    yf = y.float()
+    only_g = san_loss(SanParams(w_match=0), nets[0].members[0], None)
+    both = san_loss(SanParams(w_match=0), nets[0], None)
+    alone = san_loss(SanParams(w_match=0), nets[0].members[1], None)
+    preds = (x, x.flip(-1))
+    only_g(preds, x, None, yf), both(preds, x, None, yf), alone(preds, x, None, yf)
+    assert torch.isclose(both.last["J_G"], (only_g.last["J_G"] + alone.last["J_G"]) / 2, atol=1e-5)
+    assert loss_classifiers([_g(1)], SanParams(), "cpu")[0].name == "G1"   # off: G_i alone, as the paper
+
+
+def test_a_seen_classifier_cannot_also_be_unseen():
+    with pytest.raises(config.ParamError, match="evaluate.classifiers.*cydral_gender"):
+        config.load("smoke", {"san.seen_classifiers": ["cydral_gender"]})
+    P = config.load("smoke", {"san.seen_classifiers": ["hse_gender"]})
+    assert "hse_gender" not in P.evaluate.classifiers
+
+
+def test_extra_matchers_are_flagged_seen_in_evaluation():
+    from flowsan_lib.evaluate.suite import is_seen_matcher
+    sp = config.load("smoke", {"san.extra_matchers": ["hse"]}).san
+    assert sp.seen_matchers() == ["faceapi", "hse"]
+    assert is_seen_matcher("hse", sp.seen_matchers()) and is_seen_matcher("dlib", sp.seen_matchers())
+    assert not is_seen_matcher("hse", "faceapi")
+
+
+def test_input_diversity_is_random_differentiable_and_seeded(faces):
+    x = faces[0].clone().requires_grad_(True)
+    a, b, c = input_diversity(x, 1, p=1.0), input_diversity(x, 1, p=1.0), input_diversity(x, 2, p=1.0)
+    assert torch.equal(a, b) and not torch.equal(a, c) and not torch.allclose(a, x)
+    assert 0 <= a.min() and a.max() <= 1
+    (g,) = torch.autograd.grad(a.sum(), x)
+    assert g.abs().sum() > 0                                            # the SAN still gets a gradient
+    assert torch.equal(input_diversity(x, 1, p=0.0), x)
+
+
+def test_input_diversity_only_in_training(faces, tmp_path, faceapi_matcher):
+    """During fit, J_G sees transformed outputs on training batches and the outputs as they are in validation."""
+    x, y, protos_rgb = faces
+    bank = make_bank({"rgb": protos_rgb, "gray": protos_rgb.mean(1, keepdim=True)}, 3, False)
+    data = StageData(x, x, faceapi_matcher(x).detach(), y.float(), bank)
+
+    class Spy(Callback):
+        order = 100
+        seen: list = []
+
+        def after_loss(self):
+            self.seen.append((self.training, self.loss_func.diversity_seed))
+
+    sp = SanParams(n_stages=1, epochs=1, batch_size=4, width=0.25, precision="fp32", input_diversity=True)
+    train_flowsan(sp, 1, data, data, [_g(1)], faceapi_matcher, tmp_path / "f", tmp_path / "ck", tmp_path / "h",
+                  {"seed": 1, "resolution": 32}, extra_cbs=lambda role, i: [Spy()])
+    train_seeds = [s for t, s in Spy.seen if t]
+    assert train_seeds and all(s is not None for s in train_seeds) and len(set(train_seeds)) == len(train_seeds)
+    assert any(not t for t, _ in Spy.seen) and all(s is None for t, s in Spy.seen if not t)
+
+
+def test_matcher_stack_and_cosine_distance(faces, faceapi_matcher):
+    from flowsan_lib.models.fetch import FetchError
+    from flowsan_lib.models.interfaces import load_matcher
+    x = faces[0]
+    try:
+        stack = MatcherStack([faceapi_matcher, load_matcher("hse")])
+    except FetchError as e:
+        pytest.skip(f"weights not fetched: {e}")
+    with torch.no_grad():
+        d = stack(x)
+        d2 = stack(x.flip(-1))
+    assert d.shape == (8, stack.dim) and len(stack.dims) == 2
+    sq = match_loss(d2, d2, d, "mean", "squared", stack.dims)
+    cos = match_loss(d2, d2, d, "mean", "cosine", stack.dims)
+    # unit descriptors: squared distance = 2 (1 - cosine) per matcher
+    assert torch.isclose(sq, 2 * cos, rtol=1e-4)
+    parts = [match_loss(a, a, b, "mean", "cosine") for a, b in zip(d2.split(stack.dims, 1), d.split(stack.dims, 1))]
+    assert torch.isclose(cos, sum(parts), rtol=1e-5)
+
+
+def test_per_stage_schedules_and_bad_values():
+    sp = config.load("smoke", {"san.stage_epochs": [1, 4], "san.stage_w_gender": [1.0, 3.0]}).san
+    assert (sp.for_stage(1).epochs, sp.for_stage(2).epochs) == (1, 4)
+    assert (sp.for_stage(1).w_gender, sp.for_stage(2).w_gender) == (1.0, 3.0)
+    for key, value, match in [("san.stage_epochs", [1], "one value per stage"),
+                              ("san.eps", 0, r"\(0, 255\]"), ("san.eps", 300, r"\(0, 255\]"),
+                              ("san.extra_matchers", ["faceapi"], "repeats san.matcher"),
+                              ("san.output", "additive", "san.output")]:
+        with pytest.raises(config.ParamError, match=match):
+            config.load("smoke", {key: value})
+
+
+def test_default_levers_leave_stage_params_as_before():
+    """SAN files trained before the levers existed still match the paper's settings."""
+    d = san_params_dict(SanParams())
+    assert not {"output", "eps", "seen_classifiers", "input_diversity", "extra_matchers", "match_distance"} & set(d)
+    assert san_params_dict(SanParams(output="residual", eps=4.0))["eps"] == 4.0

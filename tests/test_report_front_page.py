@@ -102,7 +102,7 @@ def test_moved_report_renders_offline_and_links_resolve(smoke_run, tmp_path):
                 box = svg.bounding_box()
                 assert box and box["width"] > 150 and box["height"] > 100, fid
                 assert svg.locator("path").count() > 20, f"{fid}: empty chart"
-                assert "no matcher" not in svg.inner_text() and "no gender" not in svg.inner_text(), fid
+                assert "no matcher" not in svg.text_content() and "no gender" not in svg.text_content(), fid
             img = page.locator("figure#samples img")
             size = img.evaluate("i => [i.complete, i.naturalWidth, i.naturalHeight]")
             assert size[0] and size[1] > 200 and size[2] > 100, size

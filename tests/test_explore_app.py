@@ -3,12 +3,14 @@ moves a control and sees the picture and numbers change; SIGINT stops the server
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -48,8 +50,7 @@ def test_explore_serves_the_explorer_and_stops_cleanly(smoke_run, tmp_path):
     port = _free_port()
     log = open(tmp_path / "voila.log", "w")
     server = subprocess.Popen([sys.executable, "-m", "flowsan_lib.cli", "explore", str(smoke_run.run_dir),
-                               "--port", str(port)], stdout=log, stderr=subprocess.STDOUT,
-                              env=dict(os.environ, JUPYTER_RUNTIME_DIR=str(tmp_path / "runtime")))
+                               "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 120
@@ -102,4 +103,6 @@ def test_explore_serves_the_explorer_and_stops_cleanly(smoke_run, tmp_path):
     text = (tmp_path / "voila.log").read_text()
     assert code == 0, f"exit {code}: {text[-3000:]}"
     assert "Traceback" not in text, text[-3000:]
-    assert not list((tmp_path / "runtime").rglob("*.json")), "a kernel connection file was left behind"
+    kept = re.search(r"Storing connection files in (\S+?)\.?$", text, re.M)
+    assert kept and not Path(kept.group(1)).exists(), "Voila's kernel connection folder was left behind"
+    assert "Kernel shutdown" in text

@@ -45,13 +45,52 @@ def external_references(page: str) -> list[str]:
     return [m.group(0) for m in EXTERNAL_RE.finditer(page)]
 
 
-def notebook_to_html(src: Path, dest: Path) -> Path:
-    """Render one executed notebook to a self-contained, script-free HTML page."""
+def machine_prefixes(run_dir: Path | None = None) -> list[tuple[str, str]]:
+    """(absolute prefix, what a published page shows instead), longest first: the run folder, Python's
+    library folders, the project root, the home and temporary folders."""
+    import sys
+    import sysconfig
+    import tempfile
+    from .layout import PROJECT_ROOT
+    pairs = [(sysconfig.get_paths()["purelib"], "<site-packages>"), (sysconfig.get_paths()["stdlib"], "<python>"),
+             (str(PROJECT_ROOT), "<project>"), (sys.prefix, "<python>"), (str(Path.home()), "~"),
+             (tempfile.gettempdir(), "<tmp>")]                  # IPython names a cell's code /tmp/ipykernel_*/N.py
+    if run_dir is not None:
+        pairs.append((str(Path(run_dir).resolve()), "<run>"))
+        pairs.append((str(Path(run_dir)), "<run>"))
+    out = {}
+    for path, name in pairs:
+        for p in {path, str(Path(path).resolve())}:
+            if p not in ("/", ""):
+                out[p.rstrip("/")] = name
+    return sorted(out.items(), key=lambda kv: -len(kv[0]))
+
+
+def relative_outputs(nb: nbformat.NotebookNode, prefixes: list[tuple[str, str]]) -> nbformat.NotebookNode:
+    """Machine paths in outputs (tracebacks of a failed stage, warnings) written relative: '<project>/...'."""
+    def fix(s: str) -> str:
+        for path, name in prefixes:
+            s = s.replace(path + "/", name + "/").replace(path, name)
+        return s
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            if "text" in out:
+                out["text"] = fix(out["text"])
+            if "traceback" in out:
+                out["traceback"] = [fix(line) for line in out["traceback"]]
+            for mime, value in (out.get("data") or {}).items():
+                if mime.startswith("text/") and isinstance(value, str):
+                    out["data"][mime] = fix(value)
+    return nb
+
+
+def notebook_to_html(src: Path, dest: Path, run_dir: Path | None = None) -> Path:
+    """Render one executed notebook to a self-contained, script-free HTML page with no machine paths."""
     from nbconvert import HTMLExporter
 
     exporter = HTMLExporter(template_name="lab")
     exporter.mathjax_url = exporter.require_js_url = exporter.jquery_url = ""
-    nb = static_notebook(nbformat.read(src, as_version=4))
+    nb = relative_outputs(static_notebook(nbformat.read(src, as_version=4)), machine_prefixes(run_dir))
     page, _ = exporter.from_notebook_node(nb)
     dest.write_text(strip_scripts(page))
     return dest
@@ -329,7 +368,7 @@ def build_report(run_dir: str | Path) -> Path:
         raise FileNotFoundError(f"no run folder {run_dir}")
     out = run_dir / "report"
     out.mkdir(exist_ok=True)
-    pages = {nb.stem: notebook_to_html(nb, out / f"{nb.stem}.html")
+    pages = {nb.stem: notebook_to_html(nb, out / f"{nb.stem}.html", run_dir)
              for nb in sorted((run_dir / "notebooks").glob("*.ipynb")) if not nb.stem.endswith(".attempt")}
     index = out / "index.html"
     index.write_text(index_page(run_dir, pages, out))

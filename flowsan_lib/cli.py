@@ -41,7 +41,8 @@ def cmd_run(a) -> int:
 def cmd_sweep(a) -> int:
     from . import sweep
     from .layout import output_root
-    summary = sweep.run_sweep(a.preset, Path(a.grid), jobs=a.jobs, name=a.name, base_overrides=_overrides(a.set))
+    summary = sweep.run_sweep(a.preset, Path(a.grid), jobs=a.jobs, name=a.name, base_overrides=_overrides(a.set),
+                              ray=a.ray)
     sweep_dir = output_root() / (a.name or Path(a.grid).stem)
     print(sweep.summary_table(summary, sweep_dir).to_string())
     failed = [r["name"] for r in summary["runs"] if r["status"] != "done"]
@@ -136,6 +137,8 @@ def parser() -> argparse.ArgumentParser:
     sw.add_argument("--jobs", type=int, default=1, help="runs in parallel (default: 1)")
     sw.add_argument("--name", help="sweep folder under outputs/ (default: the grid file's name)")
     sw.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a parameter in every run")
+    sw.add_argument("--ray", metavar="ADDRESS", help="run the runs as Ray tasks on this cluster ('local': start "
+                    "one here); the outputs folder must be shared by every node")
     sw.set_defaults(func=cmd_sweep)
 
     co = sub.add_parser("compare", help="compare finished runs: differing parameters, privacy-utility frontier")

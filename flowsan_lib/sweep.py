@@ -11,7 +11,9 @@ fingerprints are equal across runs (typically 01-03) are computed once: first, o
 upstream is taken up to the last shared stage, one after the other; then every run goes in parallel
 (`--jobs`), taking over the shared stages from its siblings by hard links (`pipeline.run(reuse_from=)`).
 Each run is a `flowsan run` subprocess: a failing run is reported and does not stop the others; a
-re-run of the sweep resumes (finished stages are skipped, as in any run).
+re-run of the sweep resumes (finished stages are skipped, as in any run). With `--ray ADDRESS` the
+same subprocesses run as Ray tasks on a Ray cluster ("local" starts one on this machine); the
+outputs folder must then be on a file system every node sees.
 """
 from __future__ import annotations
 
@@ -125,9 +127,41 @@ def _execute(cmd: list[str], sweep_dir: Path, log_path: Path) -> tuple[int, floa
     return rc, time.time() - t0
 
 
+class _LocalPool:
+    """Runs on this machine: a thread per concurrent `flowsan run` subprocess."""
+
+    def __init__(self, jobs: int):
+        self.jobs = jobs
+
+    def run_all(self, calls: list[tuple]) -> list[tuple[int, float]]:
+        with ThreadPoolExecutor(max_workers=self.jobs) as pool:
+            return list(pool.map(lambda c: _execute(*c), calls))
+
+
+class _RayPool:
+    """Runs as Ray tasks (one CPU each unless the cluster says otherwise); the scheduler is Ray's."""
+
+    def __init__(self, address: str):
+        try:
+            import ray
+        except ImportError:
+            raise config.ParamError("--ray needs the ray package: pip install ray") from None
+        self.ray = ray
+        if not ray.is_initialized():
+            ray.init(address=None if address == "local" else address, include_dashboard=False,
+                     log_to_driver=False, configure_logging=False)
+        self.remote = ray.remote(_execute)
+
+    def run_all(self, calls: list[tuple]) -> list[tuple[int, float]]:
+        return self.ray.get([self.remote.remote(*c) for c in calls])
+
+
 def run_sweep(preset: str, grid_file: Path, jobs: int = 1, name: str | None = None,
-              base_overrides: dict | None = None, output_dir: Path | None = None) -> dict:
-    """Run (or resume) a sweep; returns the summary written to `<sweep>/sweep.json`."""
+              base_overrides: dict | None = None, output_dir: Path | None = None, ray: str | None = None) -> dict:
+    """Run (or resume) a sweep; returns the summary written to `<sweep>/sweep.json`.
+
+    jobs: runs at once on this machine; ray: a Ray cluster address ("local": start one here) instead.
+    """
     grid = read_grid(grid_file)
     base = dict(base_overrides or {})
     runs = plan(preset, grid, base)
@@ -138,29 +172,26 @@ def run_sweep(preset: str, grid_file: Path, jobs: int = 1, name: str | None = No
     siblings = [sweep_dir / r.name for r in runs]
     log.info("sweep %s: %d runs of %s over %s", sweep_dir.name, len(runs), preset, ", ".join(grid))
 
+    pool = _RayPool(ray) if ray else _LocalPool(jobs)
+    logs = lambda r: sweep_dir / "logs" / f"{r.name}.log"
     status: dict[str, dict] = {}
     # 1. shared upstream stages, once per distinct upstream, one after the other
     leaders = shared_prefix(preset, runs, base)
-    last_shared = list(leaders)
     for r in runs:
-        stages_led = [s for s in last_shared if r.name in leaders[s]]
+        stages_led = [s for s in leaders if r.name in leaders[s]]
         if not stages_led:
             continue
         upto = [s.name for s in layout.STAGES[:layout.STAGE_NAMES.index(stages_led[-1]) + 1]]
         log.info("shared stages %s: computed in run %s", ", ".join(upto), r.name)
-        rc, secs = _execute(_cli(preset, r, sweep_dir, base, siblings, only=upto), sweep_dir,
-                            sweep_dir / "logs" / f"{r.name}.log")
+        [(rc, secs)] = pool.run_all([(_cli(preset, r, sweep_dir, base, siblings, only=upto), sweep_dir, logs(r))])
         if rc:
             status[r.name] = {"status": "failed", "rc": rc, "seconds": round(secs, 1), "phase": "shared stages"}
     # 2. every run, in parallel; failures are recorded, the others go on
     todo = [r for r in runs if r.name not in status]
-
-    def one(r: SweepRun):
-        rc, secs = _execute(_cli(preset, r, sweep_dir, base, siblings), sweep_dir, sweep_dir / "logs" / f"{r.name}.log")
+    results = pool.run_all([(_cli(preset, r, sweep_dir, base, siblings), sweep_dir, logs(r)) for r in todo])
+    for r, (rc, secs) in zip(todo, results):
         log.info("run %s: %s in %.0f s", r.name, "done" if rc == 0 else f"FAILED (exit {rc})", secs)
-        return r.name, {"status": "done" if rc == 0 else "failed", "rc": rc, "seconds": round(secs, 1)}
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        status.update(dict(pool.map(one, todo)))
+        status[r.name] = {"status": "done" if rc == 0 else "failed", "rc": rc, "seconds": round(secs, 1)}
 
     summary = {"preset": preset, "grid": grid, "base_overrides": base,
                "runs": [{"name": r.name, "overrides": r.overrides, **status[r.name]} for r in runs]}

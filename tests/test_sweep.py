@@ -98,3 +98,20 @@ def test_run_names_are_plain_and_distinct():
     assert sweep.run_name("smoke", {"evaluate.matchers": ["faceapi", "hse"]}) == "smoke_evaluate.matchers-faceapi+hse"
     long = {f"san.w_{k}": 1.0 for k in ("pixel", "match", "gender")} | {"evaluate.matchers": ["faceapi", "hse", "dlib"] * 3}
     assert len(sweep.run_name("smoke", long)) <= 100
+
+
+@pytest.mark.slow
+def test_sweep_runs_as_ray_tasks_on_a_local_ray(swept):
+    """The same sweep through Ray (a local instance started here): every run is a Ray task; finished
+    stages are found up to date, so nothing is recomputed."""
+    pytest.importorskip("ray")
+    import ray
+    _, sweep_dir, grid = swept
+    stamp = RunLayout(sweep_dir / GOOD[0]).marker("04_flowsan").read_text()
+    try:
+        summary = sweep.run_sweep("smoke", grid, output_dir=sweep_dir.parent, ray="local")
+        assert ray.is_initialized()
+    finally:
+        ray.shutdown()
+    assert [r["status"] for r in summary["runs"] if r["name"] in GOOD] == ["done", "done"]
+    assert RunLayout(sweep_dir / GOOD[0]).marker("04_flowsan").read_text() == stamp

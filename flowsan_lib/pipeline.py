@@ -414,12 +414,23 @@ def execute_stage(stage: Stage, run: RunLayout, notebook_dir: Path, fp: str) -> 
         {"fingerprint": fp, "seconds": round(seconds, 1), "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
          "files": hash_tree(partial, skip=(MARKER, ATTEMPT))}, indent=1))
     _promote(partial, run.stage_dir(stage.name))
+    _relative_papermill_paths(attempt_nb, run, stage.name)
     attempt_nb.replace(run.executed_notebook(stage.name))
     stage_log.replace(run.stage_log(stage.name))
     run.executed_notebook(stage.name, "failed").unlink(missing_ok=True)
     run.stage_log(stage.name, "failed").unlink(missing_ok=True)
     log.info("%s: done in %.1f s", stage.name, seconds)
     return seconds
+
+
+def _relative_papermill_paths(nb_path: Path, run: RunLayout, stage: str) -> None:
+    """papermill records the absolute source and output paths; a run folder that is mailed should not."""
+    nb = json.loads(nb_path.read_text())
+    meta = nb.get("metadata", {}).get("papermill", {})
+    if meta:
+        meta["input_path"] = f"notebooks/{stage}.ipynb"
+        meta["output_path"] = run.executed_notebook(stage).relative_to(run.root).as_posix()
+        nb_path.write_text(json.dumps(nb, indent=1, ensure_ascii=False))
 
 
 def _keep_failed(attempt_nb: Path, run: RunLayout, stage: Stage) -> Path:

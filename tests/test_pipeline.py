@@ -81,6 +81,8 @@ def test_injected_paths_are_relative(toy):
     nb = nbformat.read(run_dir / "notebooks" / "b.ipynb", as_version=4)
     injected = next(c.source for c in nb.cells if "injected-parameters" in c.metadata.get("tags", []))
     assert str(run_dir) not in injected and str(run_dir.parent) not in injected
+    whole = (run_dir / "notebooks" / "b.ipynb").read_text()            # papermill's metadata too
+    assert str(run_dir.parent.parent) not in whole
     assert 'inputs = {"a_metrics": "a/metrics.json"}' in injected and 'out_dir = "b.partial"' in injected
 
 

@@ -20,8 +20,8 @@ PRESET_DIR = Path(__file__).resolve().parent.parent / "params"
 
 
 # Names of the pretrained networks (their loaders: models.interfaces); checked here before any work.
-GenderClassifierName = Literal["faceapi_gender", "cydral_gender", "hse_gender", "ssrnet_gender"]
-MatcherName = Literal["faceapi", "hse", "dlib"]
+GenderClassifierName = Literal["faceapi_gender", "cydral_gender", "hse_gender", "ssrnet_gender", "oarriaga_gender"]
+MatcherName = Literal["faceapi", "hse", "dlib", "mobileface"]
 
 
 class ParamError(ValueError):

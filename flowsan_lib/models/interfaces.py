@@ -27,10 +27,12 @@ MATCHERS = list(typing.get_args(MatcherName))
 _GENDER = {"faceapi_gender": "faceapi_agegender:load_gender_classifier",
            "cydral_gender": "cydral:load_gender_classifier",
            "hse_gender": "faceres:load_gender_classifier",
-           "ssrnet_gender": "ssrnet:load_gender_classifier"}
+           "ssrnet_gender": "ssrnet:load_gender_classifier",
+           "oarriaga_gender": "oarriaga:load_gender_classifier"}
 _MATCHER = {"faceapi": "faceapi_resnet:load_matcher",
             "hse": "faceres:load_matcher",
-            "dlib": "dlib_native:load_matcher"}
+            "dlib": "dlib_native:load_matcher",
+            "mobileface": "mobileface:load_matcher"}
 
 
 class FrozenModel(nn.Module):

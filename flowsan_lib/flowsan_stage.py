@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from .flow import StageData, base_params, cached_descriptors, descriptors, train_ensemble, train_flowsan
-from .methods import (ens_best, flow_sequence, gibbs_picks, load_test_outputs, member_outputs, to_uint8,
+from .methods import (Sequences, ens_best, flow_sequence, gibbs_picks, load_sequences, member_outputs, to_uint8,
                       write_test_outputs)
 from .modelio import ModelError, save_model
 from .models.aux_cnn import AuxGenderCNN, load_aux
@@ -45,36 +45,35 @@ MATCH_FMR = 0.01          # operating point of the stage's quick matcher check
 MATCH_IMPOSTORS = 2000    # impostor pairs of that check (the full evaluation samples its own)
 
 
-def seen_metrics(aux: list, matcher, d: dict, seed: int) -> dict:
+def seen_metrics(aux: list, matcher, seq: Sequences, seed: int) -> dict:
     """Auxiliary classifiers' AUC and the auxiliary matcher's TMR at FMR 1% on the test outputs."""
     from .evaluate.pairs import different_image_pairs
     f = lambda a: torch.from_numpy(np.ascontiguousarray(a)).float().div(255).unsqueeze(1)
-    y = d["gender"].astype(int)
-    Te = len(d["ens_members"])
+    y = seq.gender.astype(int)
+    ens = seq.members is not None
+    avg, gibbs = seq.ens_avg(), seq.ens_gibbs()
     out: dict = {"aux_auc": {}, "matcher": {}}
     for j, g in enumerate(aux, 1):
-        members_p = np.stack([p_male(g, f(m)) for m in d["ens_members"]]) if Te else None
-        r = {"original": auc(p_male(g, f(d["original"])), y),
-             "flowsan": [auc(p_male(g, f(x)), y) for x in d["flowsan"]]}
-        if Te:
-            r["ens_avg"] = [auc(p_male(g, f(x)), y) for x in d["ens_avg"]]
-            r["ens_gibbs"] = [auc(p_male(g, f(x)), y) for x in d["ens_gibbs"]]
-            r["ens_best"] = [auc(p_male(g, f(ens_best(d["ens_members"], t, members_p, y))), y)
-                             for t in range(1, Te + 1)]
+        r = {"original": auc(p_male(g, f(seq.original)), y),
+             "flowsan": [auc(p_male(g, f(x)), y) for x in seq.flowsan]}
+        if ens:
+            members_p = np.stack([p_male(g, f(m)) for m in seq.members])
+            r["ens_avg"] = [auc(p_male(g, f(x)), y) for x in avg]
+            r["ens_gibbs"] = [auc(p_male(g, f(x)), y) for x in gibbs]
+            r["ens_best"] = [auc(p_male(g, f(ens_best(seq.members, t, members_p, y))), y)
+                             for t in range(1, seq.n + 1)]
         out["aux_auc"][f"G{j:02d}"] = r
-    pairs = different_image_pairs(d["identity"], MATCH_IMPOSTORS, seed)
-    ref = descriptors(matcher, f(d["original"]))
+    pairs = different_image_pairs(seq.identity, MATCH_IMPOSTORS, seed)
+    ref = descriptors(matcher, f(seq.original))
+    tmr = lambda images: [tmr_at(ref, descriptors(matcher, f(x)), pairs, MATCH_FMR) for x in images]
     m = {"fmr": MATCH_FMR, "n_genuine": int(len(pairs.genuine)), "n_impostor": int(len(pairs.impostor)),
-         "note": pairs.note, "tmr_original": tmr_at(ref, ref, pairs, MATCH_FMR),
-         "tmr_flowsan": [tmr_at(ref, descriptors(matcher, f(x)), pairs, MATCH_FMR) for x in d["flowsan"]]}
-    if Te:
-        m["tmr_ens_avg"] = [tmr_at(ref, descriptors(matcher, f(x)), pairs, MATCH_FMR) for x in d["ens_avg"]]
-        m["tmr_ens_gibbs"] = [tmr_at(ref, descriptors(matcher, f(x)), pairs, MATCH_FMR) for x in d["ens_gibbs"]]
+         "note": pairs.note, "tmr_original": tmr_at(ref, ref, pairs, MATCH_FMR), "tmr_flowsan": tmr(seq.flowsan)}
+    if ens:
+        m["tmr_ens_avg"], m["tmr_ens_gibbs"] = tmr(avg), tmr(gibbs)
     out["matcher"] = m
-    orig = d["original"].astype(np.float32) / 255
-    out["mean_abs_change"] = {"flowsan": [float(np.abs(x / 255 - orig).mean()) for x in d["flowsan"]]}
-    if Te:
-        out["mean_abs_change"]["ens_avg"] = [float(np.abs(x / 255 - orig).mean()) for x in d["ens_avg"]]
+    orig = seq.original.astype(np.float32) / 255
+    change = lambda images: [float(np.abs(x / 255 - orig).mean()) for x in images]
+    out["mean_abs_change"] = {"flowsan": change(seq.flowsan), **({"ens_avg": change(avg)} if ens else {})}
     return out
 
 
@@ -157,7 +156,7 @@ def run_flowsan_stage(P, *, faces: Path, prototypes: Path, aux: Path, out: Path,
                        np.stack([to_uint8(x) for x in mem_out]) if mem_out else empty, picks)
     t_test = time.time() - t0
     t0 = time.time()
-    seen = seen_metrics(aux, matcher, load_test_outputs(stage_dir / "outputs_test.npz"), P.seed)
+    seen = seen_metrics(aux, matcher, load_sequences(stage_dir / "outputs_test.npz"), P.seed)
     metrics = {
         "resolution": r, "n_train": len(train), "n_val": len(valid), "n_test": len(test_rows),
         "n_stages": sp.n_stages, "epochs": sp.epochs, "precision": sp.precision, "matcher": m_name,
@@ -220,8 +219,9 @@ def time_table(metrics: dict):
 def sequence_grid(npz_path: Path, n_faces: int = 6, seed: int = 0, scale: int = 2) -> np.ndarray:
     """Image grid of test faces: rows = faces; columns = original, FlowSAN t=1..n, Ens-Avg t=1..n."""
     from .prototypes import image_grid
-    d = load_test_outputs(npz_path)
+    seq = load_sequences(npz_path)
+    avg = seq.ens_avg() if seq.members is not None else []
     rng = np.random.default_rng(seed)
-    pick = np.sort(rng.choice(len(d["original"]), min(n_faces, len(d["original"])), replace=False))
-    rows = [[d["original"][k]] + [x[k] for x in d["flowsan"]] + [x[k] for x in d["ens_avg"]] for k in pick]
+    pick = np.sort(rng.choice(len(seq.original), min(n_faces, len(seq.original)), replace=False))
+    rows = [[seq.original[k]] + [x[k] for x in seq.flowsan] + [x[k] for x in avg] for k in pick]
     return image_grid(rows, scale)

@@ -7,6 +7,7 @@ pick the prototypes (P_sm = protos[y], P_op = protos[1-y]) at every stage.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -97,13 +98,18 @@ def ens_gibbs(outputs, t: int, picks: np.ndarray):
     return stack[torch.as_tensor(idx), torch.arange(len(idx))]
 
 
+def ens_best_choice(p_male: np.ndarray, t: int, y: np.ndarray) -> np.ndarray:
+    """[N] the member (0..t-1) Ens-Best picks per face: lowest P(male) for men, highest for women."""
+    p = np.asarray(p_male)[:t]
+    return np.where(np.asarray(y) == 1, p.argmin(0), p.argmax(0))
+
+
 def ens_best(outputs, t: int, p_male: np.ndarray, y: np.ndarray):
     """Ens-Best (oracle, eq. 8): per face the output with the lowest P(male) for men, highest for women.
 
     p_male: [>=t, N] the evaluating classifier's P(male) on each member's output.
     """
-    p = np.asarray(p_male)[:t]
-    idx = np.where(np.asarray(y) == 1, p.argmin(0), p.argmax(0))
+    idx = ens_best_choice(p_male, t, y)
     if isinstance(outputs, np.ndarray):
         return outputs[idx, np.arange(len(idx))]
     return torch.stack(list(outputs[:t]))[torch.as_tensor(idx), torch.arange(len(idx))]
@@ -132,11 +138,38 @@ def write_test_outputs(path: Path, rows, gender, identity, original, flowsan, en
                         flowsan=flowsan, ens_members=ens_members, ens_gibbs_pick=gibbs_pick)
 
 
-def load_test_outputs(path: Path) -> dict:
-    """outputs_test.npz plus the derived ens_avg and ens_gibbs [T,N,R,R] (uint8)."""
+@dataclass
+class Sequences:
+    """outputs_test.npz as read back (see write_test_outputs); the one reader, used by 04, 05 and the explorer."""
+    rows: np.ndarray             # [N] row of each test image in the data stage's faces
+    gender: np.ndarray           # [N] 1 = male, 0 = female
+    identity: np.ndarray         # [N] str, "" when unknown
+    original: np.ndarray         # [N, R, R] uint8
+    flowsan: np.ndarray          # [n, N, R, R]: flowsan[t-1] = I'_t = Psi(I, t)
+    members: np.ndarray | None   # [n, N, R, R]: members[i] = SAN_(i+1)(I); None without an ensemble
+    gibbs: np.ndarray | None     # [n, N]: member (0..t-1) Ens-Gibbs shows at size t
+
+    @property
+    def n(self) -> int:
+        return len(self.flowsan)
+
+    def ens_avg(self) -> np.ndarray | None:
+        """[n, N, R, R] Ens-Avg at t = 1..n (uint8)."""
+        return None if self.members is None else np.stack([ens_avg(self.members, t) for t in range(1, self.n + 1)])
+
+    def ens_gibbs(self) -> np.ndarray | None:
+        """[n, N, R, R] Ens-Gibbs at t = 1..n (uint8)."""
+        if self.members is None:
+            return None
+        return np.stack([ens_gibbs(self.members, t, self.gibbs) for t in range(1, self.n + 1)])
+
+
+def load_sequences(path: Path) -> Sequences:
+    """Read `04_flowsan/outputs_test.npz`."""
     with np.load(path, allow_pickle=False) as z:
-        d = {k: z[k] for k in z.files}
-    m, picks = d["ens_members"], d["ens_gibbs_pick"]
-    d["ens_avg"] = np.stack([ens_avg(m, t) for t in range(1, len(m) + 1)]) if len(m) else m
-    d["ens_gibbs"] = np.stack([ens_gibbs(m, t, picks) for t in range(1, len(m) + 1)]) if len(m) else m
-    return d
+        has_ens = "ens_members" in z.files and len(z["ens_members"]) > 0
+        seq = Sequences(z["rows"], z["gender"], z["identity"], z["original"], z["flowsan"],
+                        z["ens_members"] if has_ens else None, z["ens_gibbs_pick"] if has_ens else None)
+    if seq.members is not None and len(seq.members) != seq.n:
+        raise ValueError(f"{path}: {len(seq.members)} ensemble members but {seq.n} FlowSAN stages")
+    return seq

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import html
-import json
 import re
 from pathlib import Path
 
@@ -213,7 +212,7 @@ def _sample_strip(run_dir: Path, out: Path, seed: int) -> str | None:
     """Write report/samples.png (original, FlowSAN t = 1..n, Ens-Avg) and return its file name."""
     import numpy as np
     from . import viz
-    from .evaluate.stage import load_sequences
+    from .methods import load_sequences
     npz = run_dir / "04_flowsan" / "outputs_test.npz"
     if not npz.exists():
         return None

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from . import viz
-from .evaluate.stage import Sequences, load_sequences
+from .methods import Sequences, load_sequences
 
 BROWSE = ("all", "men", "women", "best anonymised first", "worst anonymised first")
 

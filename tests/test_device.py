@@ -16,7 +16,7 @@ from fastai.callback.core import Callback
 
 from flowsan_lib import config, flow, methods, pipeline
 from flowsan_lib.config import SanParams
-from flowsan_lib.device import DeviceError, check_run_device, cuda_count, module_device, pick_device
+from flowsan_lib.device import DeviceError, cuda_count, module_device, pick_device
 from flowsan_lib.flow import StageData, descriptors, frozen_for_loss, san_loss
 from flowsan_lib.models.aux_cnn import AuxGenderCNN, freeze
 from flowsan_lib.models.san import SAN
@@ -212,7 +212,7 @@ def test_stage_functions_keep_every_network_and_tensor_on_the_stage_device(devic
                                                                                faceapi_matcher, monkeypatch):
     from flowsan_lib.flowsan_stage import run_flowsan_stage
     from flowsan_lib.layout import RunLayout, stage_named
-    from flowsan_lib.methods import load_test_outputs
+    from flowsan_lib.methods import load_sequences
     from flowsan_lib.prototypes import run_prototypes_stage
     from flowsan_lib.train import run_aux_stage
     torch.set_num_threads(1)
@@ -233,8 +233,8 @@ def test_stage_functions_keep_every_network_and_tensor_on_the_stage_device(devic
         assert at == want and devs <= {want}, (name, at, devs)                 # network and its inputs on the device
     assert w.moves == [], w.moves                                              # nothing moved a loaded network
     assert m4["device"] == str(want) and m4["precision"] == ("bf16" if want.type == "cuda" else "fp32")
-    d = load_test_outputs(root / "04_flowsan" / "outputs_test.npz")
-    assert d["flowsan"].dtype == np.uint8 and d["flowsan"].shape == (2, 2, 32, 32)
+    d = load_sequences(root / "04_flowsan" / "outputs_test.npz")
+    assert d.flowsan.dtype == np.uint8 and d.flowsan.shape == (2, 2, 32, 32)
 
 
 # --- CUDA: the same numbers as the CPU -----------------------------------------------------------
@@ -245,7 +245,7 @@ def test_stage_metrics_on_cuda_match_cpu(tiny_faces, tmp_path, faceapi_matcher):
     """Stages 02-04 in fp32 on the GPU and on the CPU: the same AUCs, TMRs and nearly the same images."""
     from flowsan_lib.flowsan_stage import run_flowsan_stage
     from flowsan_lib.layout import RunLayout, stage_named
-    from flowsan_lib.methods import load_test_outputs
+    from flowsan_lib.methods import load_sequences
     from flowsan_lib.prototypes import run_prototypes_stage
     from flowsan_lib.train import run_aux_stage
     out = {}
@@ -260,11 +260,11 @@ def test_stage_metrics_on_cuda_match_cpu(tiny_faces, tmp_path, faceapi_matcher):
         run_prototypes_stage(P, out=root / "02_prototypes", **inputs("02_prototypes"))
         m3 = run_aux_stage(P, out=root / "03_aux_classifiers", **inputs("03_aux_classifiers"))
         m4 = run_flowsan_stage(P, out=root / "04_flowsan", **inputs("04_flowsan"))
-        out[dev] = (m3, m4, load_test_outputs(root / "04_flowsan" / "outputs_test.npz"))
+        out[dev] = (m3, m4, load_sequences(root / "04_flowsan" / "outputs_test.npz"))
     (c3, c4, cd), (g3, g4, gd) = out["cpu"], out["cuda"]
     for k in c3["val_auc"]:
         assert g3["val_auc"][k] == pytest.approx(c3["val_auc"][k], abs=0.02)
     for k in c4["aux_auc"]:
         assert g4["aux_auc"][k]["flowsan"] == pytest.approx(c4["aux_auc"][k]["flowsan"], abs=0.02)
-    diff = np.abs(cd["flowsan"].astype(int) - gd["flowsan"].astype(int))
+    diff = np.abs(cd.flowsan.astype(int) - gd.flowsan.astype(int))
     assert diff.max() <= 3, diff.max()                                         # grey levels of 255

@@ -2,7 +2,6 @@
 moves a control and sees the picture and numbers change; SIGINT stops the server cleanly (exit 0)."""
 from __future__ import annotations
 
-import os
 import re
 import signal
 import socket

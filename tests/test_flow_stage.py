@@ -11,7 +11,7 @@ import torch
 from flowsan_lib import config
 from flowsan_lib.flowsan_stage import run_flowsan_stage
 from flowsan_lib.layout import RunLayout, stage_named
-from flowsan_lib.methods import load_test_outputs, to_uint8
+from flowsan_lib.methods import load_sequences, to_uint8
 from flowsan_lib.modelio import load_model
 from flowsan_lib.prototypes import run_prototypes_stage
 from flowsan_lib.train import run_aux_stage
@@ -55,18 +55,18 @@ def test_stages_02_to_04(run_dir, tiny_faces):
     assert json.loads((out / "metrics.json").read_text())["n_test"] == 2 == m4["n_test"]
     assert len(m4["aux_auc"]["G01"]["flowsan"]) == 2 and len(m4["matcher"]["tmr_flowsan"]) == 2
     assert m4["seconds"]["flowsan_train"][0] == m4["seconds"]["ensemble_train"][0]  # stage 1 = member 1
-    d = load_test_outputs(out / "outputs_test.npz")
-    assert d["flowsan"].shape == d["ens_members"].shape == d["ens_avg"].shape == (2, 2, 32, 32)
-    assert d["original"].dtype == np.uint8 and d["ens_gibbs_pick"].shape == (2, 2)
+    d = load_sequences(out / "outputs_test.npz")
+    assert d.flowsan.shape == d.members.shape == d.ens_avg().shape == d.ens_gibbs().shape == (2, 2, 32, 32)
+    assert d.original.dtype == np.uint8 and d.gibbs.shape == (2, 2)
     test_rows = [i for i, s in enumerate(SPLIT) if s == "test"]
-    assert d["rows"].tolist() == test_rows
-    assert list(d["identity"]) == list(tiny_faces.identity[test_rows])
+    assert d.rows.tolist() == test_rows
+    assert list(d.identity) == list(tiny_faces.identity[test_rows])
     # the saved FlowSAN folder reproduces the stored test outputs exactly
     model = load_model(out / "flowsan")
-    x = torch.from_numpy(d["original"]).float().div(255).unsqueeze(1)
+    x = torch.from_numpy(d.original).float().div(255).unsqueeze(1)
     # stored outputs were computed from the float originals, which equal uint8/255 here
-    seq = model.outputs(x, torch.from_numpy(d["gender"]).float())
-    assert all((to_uint8(s) == d["flowsan"][t]).all() for t, s in enumerate(seq))
+    seq = model.outputs(x, torch.from_numpy(d.gender).float())
+    assert all((to_uint8(s) == d.flowsan[t]).all() for t, s in enumerate(seq))
     assert load_model(out / "ensemble").kind == "ensemble"
     # a second call finds every stage finished and trains nothing
     again = run_flowsan_stage(P, out=out, **_inputs(run_dir, "04_flowsan"))

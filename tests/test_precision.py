@@ -10,7 +10,6 @@ overall): that is why only the SAN's forward runs in bf16 (train.Autocast).
 """
 from __future__ import annotations
 
-import pytest
 import torch
 from fastai.callback.core import Callback
 

@@ -50,6 +50,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..device import pick_device
+from ..methods import Sequences, ens_avg, ens_best_choice, ens_gibbs, load_sequences
 from . import metrics as M
 from . import pairs as pairs_mod
 from . import suite
@@ -62,32 +64,6 @@ FMRS = (1e-3, 1e-2)
 
 
 # --- inputs ---------------------------------------------------------------------------------
-
-@dataclass
-class Sequences:
-    """Test-split image sequences from the FlowSAN stage (see flowsan_lib.methods.write_test_outputs)."""
-    rows: np.ndarray             # [N] row of each test image in the data stage's faces
-    original: np.ndarray         # [N, R, R] uint8
-    flowsan: np.ndarray          # [n, N, R, R]: flowsan[t-1] = I'_t = Psi(I, t)
-    members: np.ndarray | None   # [n, N, R, R]: members[i] = SAN_(i+1)(I); None without an ensemble
-    gibbs: np.ndarray | None     # [n, N]: member (0..t-1) Ens-Gibbs shows at size t
-
-    @property
-    def n(self) -> int:
-        return len(self.flowsan)
-
-
-def load_sequences(path: Path) -> Sequences:
-    """Read `04_flowsan/outputs_test.npz` (keys defined by flowsan_lib.methods.write_test_outputs)."""
-    with np.load(path, allow_pickle=False) as z:
-        has_ens = "ens_members" in z.files and len(z["ens_members"]) > 0
-        members = z["ens_members"] if has_ens else None
-        gibbs = z["ens_gibbs_pick"] if has_ens else None
-        seq = Sequences(z["rows"], z["original"], z["flowsan"], members, gibbs)
-    if members is not None and len(members) != seq.n:
-        raise ValueError(f"{path}: {len(members)} ensemble members but {seq.n} FlowSAN stages")
-    return seq
-
 
 @dataclass
 class TestImages:
@@ -116,14 +92,6 @@ def test_images(faces, rows) -> TestImages:
 
 # --- image sets and scores ------------------------------------------------------------------
 
-def ens_avg_images(members, t: int) -> np.ndarray:
-    """Ens-Avg: pixel mean of the first t member outputs, rounded like a stored uint8 image."""
-    m = np.asarray(members[:t])
-    if m.dtype == np.uint8:
-        return np.rint(m.astype(np.float64).mean(0)).astype(np.uint8)
-    return m.mean(0)
-
-
 def _float(x) -> np.ndarray:
     x = np.asarray(x)
     return x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32)
@@ -138,7 +106,7 @@ def image_sets(seq: Sequences):
         for i in range(1, seq.n + 1):
             yield f"member/{i}", _float(seq.members[i - 1])
         for t in range(2, seq.n + 1):
-            yield f"ens_avg/{t}", _float(ens_avg_images(seq.members, t))
+            yield f"ens_avg/{t}", _float(ens_avg(seq.members, t))
 
 
 def score_sets(seq: Sequences, classifiers, matchers, match_mask=None, log=print) -> tuple[dict, dict]:
@@ -182,20 +150,17 @@ def assemble_p_male(p: dict, seq: Sequences, is_male, gibbs, methods) -> tuple[n
             if method in ("flowsan", "ens_avg"):
                 out[mi, t] = p[_set_key(method, t)]
             elif method == "ens_gibbs":
-                out[mi, t] = members[gibbs[t - 1], np.arange(N)]
+                out[mi, t] = ens_gibbs(members, t, gibbs)
             elif method == "ens_best":
-                cand = members[:t]                        # lowest P(male) for men, highest for women
-                pick = np.where(is_male, cand.argmin(0), cand.argmax(0))
-                best_choice[t - 1] = pick
-                out[mi, t] = cand[pick, np.arange(N)]
+                best_choice[t - 1] = ens_best_choice(members, t, is_male)
+                out[mi, t] = members[best_choice[t - 1], np.arange(N)]
     return out, best_choice
 
 
 def descriptors_for(d: dict, method: str, t: int, gibbs) -> np.ndarray:
     """[N, D] descriptors of the images a method shows at stage t."""
     if method == "ens_gibbs" and t > 0:
-        members = np.stack([d[f"member/{i}"] for i in range(1, t + 1)])
-        return members[gibbs[t - 1], np.arange(members.shape[1])]
+        return ens_gibbs(np.stack([d[f"member/{i}"] for i in range(1, t + 1)]), t, gibbs)
     return d[_set_key(method, t)]
 
 
@@ -415,7 +380,7 @@ def run_evaluate_stage(P, *, faces: Path, aux: Path, test_outputs: Path, flowsan
 
     t_start = time.time()
     stage_dir = Path(out)
-    device = suite.pick_device(P.device)
+    device = pick_device(P.device)
     aux_dir, faces = Path(aux), load_faces(faces)
     seq = load_sequences(test_outputs)
     images = test_images(faces, seq.rows)

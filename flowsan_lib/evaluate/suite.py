@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..device import pick_device, require_on  # noqa: F401  (pick_device: the library's one)
+from ..device import require_on
 from . import classical, inhouse
 
 

@@ -192,11 +192,20 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+class _Stderr(logging.StreamHandler):
+    """Writes to sys.stderr as it is when a line is logged: main() may run several times in one process
+    (tests, notebooks) while sys.stderr is swapped, and a handler bound to an old stream fails."""
+
+    def emit(self, record):
+        self.stream = sys.stderr
+        super().emit(record)
+
+
 def _console_log() -> None:
     """Run progress on stderr, one line per event (the run log gets the same lines with dates)."""
     logger = logging.getLogger("flowsan")
-    if not logger.handlers:
-        h = logging.StreamHandler(sys.stderr)
+    if not any(isinstance(h, _Stderr) for h in logger.handlers):
+        h = _Stderr()
         h.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", "%H:%M:%S"))
         logger.addHandler(h)
         logger.setLevel(logging.INFO)

@@ -114,7 +114,8 @@ def test_failure_report_covers_each_bad_input(tmp_path):
     folder.mkdir()
     manifest = _bad_input_folder(folder)
     manifest.to_csv(folder / "bad.csv", index=False)
-    P = config.load("smoke", {"data.sources": [f"manifest:{folder / 'bad.csv'}"],
+    # rows are the folder's bad files and real faces of the embedded sample: the data root holds those
+    P = config.load("smoke", {"data.sources": [f"manifest:{folder / 'bad.csv'}"], "data.data_root": str(SAMPLE_ROOT),
                               "data.cache_dir": str(tmp_path / "cache"), "data.resolution": 32})
     metrics = run_data_stage(P, tmp_path / "01_data")
     fails = pd.read_csv(tmp_path / "01_data" / "failures.csv", keep_default_na=False)

@@ -63,7 +63,10 @@ def _same_updates(a: SAN, b: SAN):
         da, db = a.state_dict()[k] - w0, b.state_dict()[k] - w0
         assert da.abs().max() > 0, k
         assert torch.nn.functional.cosine_similarity(da.flatten(), db.flatten(), 0) > 0.9999, k  # measured >= 0.999995
-        assert (da - db).abs().max() <= 0.1 * SP.lr * 4, k      # 4 Adam steps of ~lr each; measured <= 1.6e-4
+        # the update's size too; one weight may differ by a good part of an Adam step (a near-zero gradient
+        # whose sign rounding decides): measured <= 1.6e-4 on the reference chips, 1.0e-3 on the sample faces
+        assert (da - db).norm() <= 0.02 * da.norm(), k
+        assert (da - db).abs().max() <= SP.lr * 4, k            # never more than the 4 steps could move it
 
 
 def test_data_parallel_resumes_from_its_epoch_checkpoint(setup, tmp_path):

@@ -29,7 +29,7 @@ def _overrides(pairs: list[str]) -> dict:
 
 def cmd_run(a) -> int:
     from . import pipeline
-    res = pipeline.run(a.preset, run_name=a.run_name, only=a.only, from_stage=a.from_stage,
+    res = pipeline.run(a.preset, run_name=a.run_name, only=a.only, from_stage=a.from_stage, until=a.until,
                        overrides=_overrides(a.set), force=a.force, gpus=a.gpus,
                        reuse_from=tuple(Path(p) for p in a.reuse_from or ()))
     reused = f"; reused: {', '.join(res.reused)}" if res.reused else ""
@@ -123,6 +123,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--run-name", help="folder name under outputs/ (default: the preset name)")
     r.add_argument("--only", nargs="+", metavar="STAGE", help="run only these stages")
     r.add_argument("--from", dest="from_stage", metavar="STAGE", help="re-run this stage and all after it")
+    r.add_argument("--until", metavar="STAGE", help="run the stages up to this one (up-to-date ones are skipped)")
     r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a parameter, e.g. san.epochs=2")
     r.add_argument("--force", action="store_true", help="allow re-running an existing run with changed parameters")
     r.add_argument("--gpus", type=int, metavar="N", help="train the SANs and auxiliary classifiers data-parallel on "

@@ -154,6 +154,7 @@ def execute_compare(runs: list[str], out_dir: Path) -> Path:
     """Execute notebooks/07_compare.ipynb on the runs into out_dir, render it to HTML; returns the page."""
     import papermill as pm
 
+    from .kernel import QuietKernelManager
     from .layout import NOTEBOOK_DIR, PROJECT_ROOT
     from .report import notebook_to_html
     from .stage_setup import run_folder
@@ -164,5 +165,6 @@ def execute_compare(runs: list[str], out_dir: Path) -> Path:
     executed = out_dir / "07_compare.ipynb"
     pm.execute_notebook(str(NOTEBOOK_DIR / "07_compare.ipynb"), str(executed),
                         parameters={"runs": list(runs), "out_dir": str(out_dir.resolve())},
-                        cwd=str(PROJECT_ROOT), progress_bar=False, kernel_name="python3")
+                        cwd=str(PROJECT_ROOT), progress_bar=False, kernel_name="python3",
+                        kernel_manager_class=QuietKernelManager)
     return notebook_to_html(executed, out_dir / "compare.html")

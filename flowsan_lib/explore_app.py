@@ -6,6 +6,7 @@ Bound to localhost unless told otherwise; Ctrl-C or SIGTERM stops the server and
 """
 from __future__ import annotations
 
+import signal
 import tempfile
 from pathlib import Path
 
@@ -51,6 +52,7 @@ def voila_argv(notebook: Path, port: int | None, ip: str) -> list[str]:
 
 def serve(run_dir: Path, port: int | None = None, ip: str = "127.0.0.1") -> int:
     """Serve the explorer of a run until Ctrl-C / SIGTERM; returns 0 after a clean stop."""
+    import tornado.ioloop
     from voila.app import Voila
     nb = explorer_notebook(run_dir)
     with tempfile.TemporaryDirectory(prefix="flowsan-explore-") as tmp:
@@ -59,6 +61,12 @@ def serve(run_dir: Path, port: int | None = None, ip: str = "127.0.0.1") -> int:
         nbformat.write(nb, path)
         app = Voila.instance()
         app.initialize(voila_argv(path, port, ip))
+        # Ctrl-C and SIGTERM stop the event loop through asyncio's own signal handling; Voila then shuts the
+        # kernels down. (Voila's handler uses tornado's add_callback_from_signal, deprecated as unreliable,
+        # and a KeyboardInterrupt raised inside a callback of a busy loop was sometimes swallowed.)
+        loop = tornado.ioloop.IOLoop.current()          # the loop app.start() runs
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.asyncio_loop.add_signal_handler(sig, loop.stop)
         app.start()                  # returns after Ctrl-C or SIGTERM, having shut the kernel down
         Voila.clear_instance()
     return 0

@@ -157,12 +157,16 @@ class RunResult:
     report: Path | None = None
 
 
-def select_stages(stages, only=None, from_stage=None) -> tuple[list[Stage], set[str]]:
-    """Stages to consider, and those forced to re-run (named by --only / --from)."""
+def select_stages(stages, only=None, from_stage=None, until=None) -> tuple[list[Stage], set[str]]:
+    """Stages to consider, and those forced to re-run (named by --only / --from; --until forces none)."""
     names = [s.name for s in stages]
-    for n in list(only or []) + ([from_stage] if from_stage else []):
+    for n in list(only or []) + ([from_stage] if from_stage else []) + ([until] if until else []):
         if n not in names:
             raise RunError(f"unknown stage {n!r}; stages: {', '.join(names)}")
+    if until:
+        if only or from_stage:
+            raise RunError("--until cannot be combined with --only or --from")
+        return list(stages[:names.index(until) + 1]), set()
     if only:
         chosen = [s for s in stages if s.name in only]
         return chosen, {s.name for s in chosen}
@@ -248,7 +252,7 @@ def run(preset: str, run_name: str | None = None, only=None, from_stage: str | N
         overrides: dict | None = None, force: bool = False, stages=STAGES,
         notebook_dir: Path = NOTEBOOK_DIR, output_dir: Path | None = None,
         fetch_models: bool = True, report: bool = True, gpus: int | None = None,
-        reuse_from: tuple[Path, ...] = ()) -> RunResult:
+        reuse_from: tuple[Path, ...] = (), until: str | None = None) -> RunResult:
     """Run the pipeline on a preset; skip up-to-date stages; build the report.
 
     gpus: data-parallel processes. reuse_from: other run folders whose finished stages are taken over
@@ -257,7 +261,7 @@ def run(preset: str, run_name: str | None = None, only=None, from_stage: str | N
     if gpus is not None:
         overrides = {**(overrides or {}), "gpus": gpus}
     params = config.load(preset, overrides)          # rejects bad params before any work
-    selected, forced = select_stages(stages, only, from_stage)
+    selected, forced = select_stages(stages, only, from_stage, until)
     run_layout = RunLayout.named(config.preset_path(preset).stem if run_name is None else run_name, output_dir)
     check_params_change(run_layout, params, force)
     if fetch_models and any(s.uses_models for s in selected):

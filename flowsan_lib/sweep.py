@@ -107,14 +107,14 @@ def shared_prefix(preset: str, runs: list[SweepRun], base_overrides: dict | None
     return leaders
 
 
-def _cli(preset: str, r: SweepRun, sweep_dir: Path, base: dict, siblings: list[Path], only=None) -> list[str]:
+def _cli(preset: str, r: SweepRun, sweep_dir: Path, base: dict, siblings: list[Path], until=None) -> list[str]:
     cmd = [sys.executable, "-m", "flowsan_lib.cli", "run", preset, "--run-name", r.name]
     for k, v in {**base, **r.overrides}.items():
         cmd += ["--set", f"{k}={json.dumps(v)}"]              # JSON is YAML: values round-trip typed
     for s in siblings:
         cmd += ["--reuse-from", str(s)]
-    if only:
-        cmd += ["--only", *only]
+    if until:
+        cmd += ["--until", until]                              # not --only: that would force a re-run
     return cmd
 
 
@@ -181,9 +181,9 @@ def run_sweep(preset: str, grid_file: Path, jobs: int = 1, name: str | None = No
         stages_led = [s for s in leaders if r.name in leaders[s]]
         if not stages_led:
             continue
-        upto = [s.name for s in layout.STAGES[:layout.STAGE_NAMES.index(stages_led[-1]) + 1]]
-        log.info("shared stages %s: computed in run %s", ", ".join(upto), r.name)
-        [(rc, secs)] = pool.run_all([(_cli(preset, r, sweep_dir, base, siblings, only=upto), sweep_dir, logs(r))])
+        log.info("shared stages up to %s: computed in run %s", stages_led[-1], r.name)
+        [(rc, secs)] = pool.run_all([(_cli(preset, r, sweep_dir, base, siblings, until=stages_led[-1]), sweep_dir,
+                                      logs(r))])
         if rc:
             status[r.name] = {"status": "failed", "rc": rc, "seconds": round(secs, 1), "phase": "shared stages"}
     # 2. every run, in parallel; failures are recorded, the others go on

@@ -73,6 +73,8 @@ def test_runs_resumes_and_reruns_changed_stages(toy):
 
     fourth = run(overrides={"aux.epochs": 3}, from_stage="a")
     assert fourth.ran == ["a", "b"]
+    fifth = run(overrides={"aux.epochs": 3}, until="a")         # up to a stage, nothing forced
+    assert fifth.ran == [] and fifth.skipped == ["a"]
 
 
 def test_injected_paths_are_relative(toy):

@@ -52,10 +52,12 @@ def test_sweep_shares_upstream_runs_in_parallel_and_survives_a_failing_run(swept
 @pytest.mark.slow
 def test_sweep_resumes_without_recomputing(swept):
     _, sweep_dir, grid = swept
-    stamp = RunLayout(sweep_dir / GOOD[1]).marker("05_evaluate").read_text()
+    markers = lambda: [RunLayout(sweep_dir / n).marker(s).read_text() for n in GOOD
+                       for s in ("01_data", "04_flowsan", "05_evaluate")]
+    before = markers()
     again = sweep.run_sweep("smoke", grid, jobs=2, output_dir=sweep_dir.parent)
     assert [r["status"] for r in again["runs"] if r["name"] in GOOD] == ["done", "done"]
-    assert RunLayout(sweep_dir / GOOD[1]).marker("05_evaluate").read_text() == stamp
+    assert markers() == before                           # the run leading the shared stages too
     assert "05_evaluate: up to date, skipped" in RunLayout(sweep_dir / GOOD[1]).log_file.read_text()
 
 
@@ -64,7 +66,11 @@ def test_compare_notebook_on_two_runs(swept, tmp_path):
     _, sweep_dir, _ = swept
     page = compare.execute_compare([str(sweep_dir / n) for n in GOOD], tmp_path / "cmp")
     html = page.read_text()
-    assert "privacy-utility frontier" in html and "<svg" in html
+    assert "privacy-utility frontier" in html
+    nb = json.loads((tmp_path / "cmp" / "07_compare.ipynb").read_text())
+    outputs = [o for c in nb["cells"] if c["cell_type"] == "code" for o in c["outputs"]]
+    assert not [o for o in outputs if o["output_type"] == "error"]
+    assert sum("image/svg+xml" in o.get("data", {}) for o in outputs) == 2      # the frontier and the heatmap
     points = pd.read_csv(tmp_path / "cmp" / "frontier.csv")
     assert set(points.run) == set(GOOD) and points.pareto.any()
     assert set(points.method) >= {"original", "flowsan", "ens_avg", "ens_gibbs"}

@@ -52,6 +52,10 @@ def _entry(rank: int, world: int, port: int, use_cuda: bool, distributed: bool, 
         torch.distributed.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world)
     try:
         fn(*args)
+        if distributed:
+            # every rank done before any tears down: rank 0 holds the TCP store, and a peer still using it
+            # when rank 0 exits aborted ("terminate called without an active exception") on a loaded machine
+            torch.distributed.barrier()
     finally:
         if distributed and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

@@ -15,6 +15,7 @@ GRID = """\
 data.sources: [[sample], ["manifest:missing.csv"]]
 evaluate.n_bootstrap: [5, 6]
 """
+BASE = {"evaluate.matchers": ["faceapi", "hse"]}
 GOOD = ("smoke_data.sources-sample_evaluate.n_bootstrap-5", "smoke_data.sources-sample_evaluate.n_bootstrap-6")
 
 
@@ -23,7 +24,8 @@ def swept(tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep")
     grid = root / "grid.yaml"
     grid.write_text(GRID)
-    summary = sweep.run_sweep("smoke", grid, jobs=2, output_dir=root / "outputs")
+    # smoke's matchers are both seen (faceapi and its copy dlib): add HSE so TMR retention is defined
+    summary = sweep.run_sweep("smoke", grid, jobs=2, output_dir=root / "outputs", base_overrides=BASE)
     return summary, root / "outputs" / "grid", grid
 
 
@@ -55,7 +57,7 @@ def test_sweep_resumes_without_recomputing(swept):
     markers = lambda: [RunLayout(sweep_dir / n).marker(s).read_text() for n in GOOD
                        for s in ("01_data", "04_flowsan", "05_evaluate")]
     before = markers()
-    again = sweep.run_sweep("smoke", grid, jobs=2, output_dir=sweep_dir.parent)
+    again = sweep.run_sweep("smoke", grid, jobs=2, output_dir=sweep_dir.parent, base_overrides=BASE)
     assert [r["status"] for r in again["runs"] if r["name"] in GOOD] == ["done", "done"]
     assert markers() == before                           # the run leading the shared stages too
     assert "05_evaluate: up to date, skipped" in RunLayout(sweep_dir / GOOD[1]).log_file.read_text()
@@ -115,7 +117,7 @@ def test_sweep_runs_as_ray_tasks_on_a_local_ray(swept):
     _, sweep_dir, grid = swept
     stamp = RunLayout(sweep_dir / GOOD[0]).marker("04_flowsan").read_text()
     try:
-        summary = sweep.run_sweep("smoke", grid, output_dir=sweep_dir.parent, ray="local")
+        summary = sweep.run_sweep("smoke", grid, output_dir=sweep_dir.parent, ray="local", base_overrides=BASE)
         assert ray.is_initialized()
     finally:
         ray.shutdown()

@@ -163,15 +163,6 @@ class RunLayout:
                 for key, i in stage.inputs.items()}
 
 
-def relative_to_project(path: Path) -> str:
-    """A path as papermill injects it: relative to the project root when inside it (reports stay portable)."""
-    path = Path(path).resolve()
-    try:
-        return path.relative_to(PROJECT_ROOT.resolve()).as_posix()
-    except ValueError:
-        return str(path)
-
-
 def resolve(path: str | os.PathLike) -> Path:
     """Relative paths are relative to the project root, wherever the notebook runs."""
     p = Path(path)

@@ -288,17 +288,20 @@ def _run_locked(run: RunLayout, params, selected, forced, notebook_dir, report, 
     config.dump(params, attempt)
     log.info("run %s: preset %s, stages %s", run.root.name, preset, ", ".join(s.name for s in selected))
     result = RunResult(run.root)
+    verified: set[str] = set()     # stages whose files were hashed (or written) in this run: not hashed again
     for stage in selected:
         for need in stage.needs:
             marker = read_marker(run.root, need)
             if marker is None:
                 raise RunError(f"stage {stage.name} needs {need}, which has not finished in {run.root}; run it first")
-            problems = tree_problems(run.stage_dir(need), marker.get("files", {}))
+            problems = [] if need in verified else tree_problems(run.stage_dir(need), marker.get("files", {}))
             if problems:
                 raise RunError(f"stage {stage.name} needs {need}, whose outputs in {run.stage_dir(need)} were "
                                f"damaged ({'; '.join(problems[:3])}); re-run it with --from {need}")
+            verified.add(need)
         fp = fingerprint(stage, params, run, notebook_dir)
         state = "forced" if stage.name in forced else stage_state(run, stage, fp)
+        verified.add(stage.name)    # current: just hashed; otherwise rebuilt or taken over below
         if state == "current":
             log.info("%s: up to date, skipped", stage.name)
             result.skipped.append(stage.name)

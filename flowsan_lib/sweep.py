@@ -92,12 +92,13 @@ def plan(preset: str, grid: dict[str, list], base_overrides: dict | None = None)
 def shared_prefix(preset: str, runs: list[SweepRun], base_overrides: dict | None = None) -> dict[str, list[str]]:
     """For each stage, the runs that lead a group of runs agreeing on it and everything upstream."""
     leaders: dict[str, list[str]] = {}
+    values = {r.name: config.to_dict(config.load(preset, {**(base_overrides or {}), **r.overrides})) for r in runs}
     for i, stage in enumerate(layout.STAGES):
         upstream = layout.STAGES[:i + 1]
         groups: dict[str, list[str]] = {}
         for r in runs:
-            values = config.to_dict(config.load(preset, {**(base_overrides or {}), **r.overrides}))
-            key = json.dumps([{s: values[s] for st in upstream for s in st.sections}, values["seed"]],
+            v = values[r.name]
+            key = json.dumps([{s: v[s] for st in upstream for s in st.sections}, v["seed"]],
                              sort_keys=True)
             groups.setdefault(key, []).append(r.name)
         shared = [members[0] for members in groups.values() if len(members) > 1]

@@ -22,6 +22,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK_DIR = PROJECT_ROOT / "notebooks"
@@ -49,7 +50,7 @@ class Stage:
     sections: tuple[str, ...]          # parameter sections whose values change its result
     inputs: dict = field(default_factory=dict)   # keyword of the stage function -> Input
     outputs: tuple[str, ...] = ("metrics.json",)  # files it must leave in its folder
-    uses_models: bool = False          # needs the pretrained weights in the cache
+    weights: Callable | None = None    # params -> base names of the pretrained weight files it reads
 
     @property
     def needs(self) -> tuple[str, ...]:
@@ -57,18 +58,30 @@ class Stage:
         return tuple(sorted({i.stage for i in self.inputs.values()}))
 
 
+def _predictor(P) -> set[str]:
+    from .data.align import PREDICTOR_FILE
+    return {PREDICTOR_FILE}
+
+
+def _model_files(names) -> set[str]:
+    from .models.interfaces import weight_files
+    return {f for name in names for f in weight_files(name)}
+
+
 FACES = Input("01_data")
 STAGES: tuple[Stage, ...] = (
-    Stage("01_data", ("data",), {}, ("metrics.json", "faces.npz", "faces.csv"), uses_models=True),
+    Stage("01_data", ("data",), {}, ("metrics.json", "faces.npz", "faces.csv"), weights=_predictor),
     Stage("02_prototypes", ("prototypes",), {"faces": FACES}, ("metrics.json", "prototypes.safetensors")),
     Stage("03_aux_classifiers", ("aux",), {"faces": FACES}),
     Stage("04_flowsan", ("san",), {"faces": FACES, "prototypes": Input("02_prototypes", "prototypes.safetensors"),
                                    "aux": Input("03_aux_classifiers")},
-          ("metrics.json", "outputs_test.npz", "flowsan/model.json"), uses_models=True),
+          ("metrics.json", "outputs_test.npz", "flowsan/model.json"),
+          weights=lambda P: _model_files([*P.san.seen_matchers(), *P.san.seen_classifiers])),
     Stage("05_evaluate", ("evaluate",), {"faces": FACES, "aux": Input("03_aux_classifiers"),
                                          "test_outputs": Input("04_flowsan", "outputs_test.npz"),
                                          "flowsan_model": Input("04_flowsan", "flowsan")},
-          ("metrics.json", "scores.npz"), uses_models=True),
+          ("metrics.json", "scores.npz"),
+          weights=lambda P: _model_files([*P.evaluate.classifiers, *P.evaluate.matchers])),
     Stage("06_explore", (), {"scores": Input("05_evaluate", "scores.npz"),
                              "test_outputs": Input("04_flowsan", "outputs_test.npz")}),
 )

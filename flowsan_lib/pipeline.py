@@ -264,9 +264,10 @@ def run(preset: str, run_name: str | None = None, only=None, from_stage: str | N
     selected, forced = select_stages(stages, only, from_stage, until)
     run_layout = RunLayout.named(config.preset_path(preset).stem if run_name is None else run_name, output_dir)
     check_params_change(run_layout, params, force)
-    if fetch_models and any(s.uses_models for s in selected):
+    weights = {f for s in selected if s.weights for f in s.weights(params)}
+    if fetch_models and weights:
         from .models.fetch import check_cache
-        check_cache()                                 # by hash, without fetching: `flowsan models fetch` fetches
+        check_cache(files=weights)                    # by hash, only what these stages read; never fetches
     from .device import check_run_device
     check_run_device(params.device, params.gpus)      # device: cuda without a GPU, --gpus 4 on 2: refused here
     preflight(run_layout, params, selected, forced, notebook_dir)

@@ -127,13 +127,17 @@ def cache_problems(key: str, root: Path | None = None) -> list[str]:
     return [p for p in found if p]
 
 
-def check_cache(root: Path | None = None) -> Path:
-    """Verify every pinned weight file by its sha256 without fetching; returns the cache folder.
+def check_cache(root: Path | None = None, files: set[str] | None = None) -> Path:
+    """Verify pinned weight files by their sha256 without fetching; returns the cache folder.
 
-    For runs: the pipeline calls this instead of fetching. Raises FetchError naming each missing or
-    damaged file and the fix (`flowsan models fetch`)."""
+    files: the base names a run will read (None = every pinned file). For runs: the pipeline calls
+    this instead of fetching. Raises FetchError naming each missing or damaged file and the fix."""
     root = root or cache_dir()
-    problems = [p for key in PACKAGES for p in cache_problems(key, root)]
+    if files is None:
+        problems = [p for key in PACKAGES for p in cache_problems(key, root)]
+    else:
+        pinned = {name: _pinned(name) for name in sorted(files)}
+        problems = [p for name, (key, digest) in pinned.items() if (p := _problem(root / key / name, digest))]
     if problems:
         raise FetchError(f"the model cache {root} is not complete:\n  " + "\n  ".join(problems) +
                          "\nrun `flowsan models fetch` to fetch the missing and damaged files")

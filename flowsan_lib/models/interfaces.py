@@ -113,6 +113,14 @@ def _load(table: dict, name: str, kind: str, device):
     return model.to(device).freeze()
 
 
+def weight_files(name: str) -> tuple[str, ...]:
+    """The fetched weight files a pretrained classifier or matcher reads (its module's FILES)."""
+    table = _GENDER if name in _GENDER else _MATCHER
+    if name not in table:
+        raise KeyError(f"unknown pretrained model {name!r}; choose from {sorted({**_GENDER, **_MATCHER})}")
+    return importlib.import_module(f"{__package__}.pretrained.{table[name].split(':')[0]}").FILES
+
+
 def load_gender_classifier(name: str, device="cpu") -> GenderClassifier:
     """A pretrained gender classifier by name (see GENDER_CLASSIFIERS); weights from the fetch cache."""
     return _load(_GENDER, name, "gender classifier", device)

@@ -32,7 +32,7 @@ from .layout import MARKER, NOTEBOOK_DIR, PROJECT_ROOT, STAGES, RunLayout, Stage
 log = logging.getLogger("flowsan.run")
 log.setLevel(logging.INFO)  # logs/run.log records every run, also when called as a library (no CLI logging setup)
 GLOBAL_KEYS = ("seed",)  # top-level params that change every stage's result
-EXECUTION_KEYS = ("gpus",)  # how a run executes, not what it computes: may change between runs of a folder
+EXECUTION_KEYS = ("gpus", "threads")  # how a run executes, not what it computes: may change between runs of a folder
 LIBRARY = PROJECT_ROOT / "flowsan_lib"
 
 
@@ -198,13 +198,35 @@ def _check_data_sources(params: config.RunParams) -> None:
 PREFLIGHT = {"01_data": _check_data_sources}   # what a stage reads from outside the run, checked up front
 
 
-def preflight(run: RunLayout, params: config.RunParams, selected, forced, notebook_dir: Path) -> None:
-    """Before any work: the outside inputs of each stage that will run (a current stage reads nothing)."""
+def _current(run: RunLayout, stage: Stage, params: config.RunParams, notebook_dir: Path) -> bool:
+    return stage_state(run, stage, fingerprint(stage, params, run, notebook_dir)) == "current"
+
+
+def stages_to_run(run: RunLayout, params: config.RunParams, selected, forced, notebook_dir: Path,
+                  reuse_from: tuple[Path, ...] = ()) -> list[Stage]:
+    """The selected stages that will compute: forced, downstream of one that will, or current neither
+    here nor in a run they can be taken over from (--reuse-from)."""
+    todo: list[Stage] = []
     for stage in selected:
-        check = PREFLIGHT.get(stage.name)
-        if check and (stage.name in forced or
-                      stage_state(run, stage, fingerprint(stage, params, run, notebook_dir)) != "current"):
-            check(params)
+        if (stage.name in forced or any(t.name in stage.needs for t in todo) or not (
+                _current(run, stage, params, notebook_dir) or
+                any(_current(RunLayout(Path(r)), stage, params, notebook_dir) for r in reuse_from))):
+            todo.append(stage)
+    return todo
+
+
+def preflight(run: RunLayout, params: config.RunParams, selected, forced, notebook_dir: Path,
+              reuse_from: tuple[Path, ...] = (), check_weights: bool = True) -> None:
+    """Before any work, the outside inputs of each stage that will compute (a current stage reads nothing):
+    its pretrained weights by hash (only those it reads; never fetched here) and its own checks."""
+    todo = stages_to_run(run, params, selected, forced, notebook_dir, reuse_from)
+    weights = {f for s in todo if s.weights for f in s.weights(params)}
+    if check_weights and weights:
+        from .models.fetch import check_cache
+        check_cache(files=weights)
+    for stage in todo:
+        if stage.name in PREFLIGHT:
+            PREFLIGHT[stage.name](params)
 
 
 @contextmanager
@@ -264,13 +286,9 @@ def run(preset: str, run_name: str | None = None, only=None, from_stage: str | N
     selected, forced = select_stages(stages, only, from_stage, until)
     run_layout = RunLayout.named(config.preset_path(preset).stem if run_name is None else run_name, output_dir)
     check_params_change(run_layout, params, force)
-    weights = {f for s in selected if s.weights for f in s.weights(params)}
-    if fetch_models and weights:
-        from .models.fetch import check_cache
-        check_cache(files=weights)                    # by hash, only what these stages read; never fetches
     from .device import check_run_device
     check_run_device(params.device, params.gpus)      # device: cuda without a GPU, --gpus 4 on 2: refused here
-    preflight(run_layout, params, selected, forced, notebook_dir)
+    preflight(run_layout, params, selected, forced, notebook_dir, tuple(Path(r) for r in reuse_from), fetch_models)
     with run_lock(run_layout):
         handler = _file_handler(run_layout)
         log.addHandler(handler)

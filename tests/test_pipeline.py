@@ -52,7 +52,8 @@ def toy(tmp_path):
 
     def run(**kw):
         kw.setdefault("stages", stages[:2])
-        return pipeline.run("smoke", notebook_dir=nb_dir, output_dir=out, fetch_models=False, **kw)
+        kw.setdefault("fetch_models", False)
+        return pipeline.run("smoke", notebook_dir=nb_dir, output_dir=out, **kw)
     return run, out / "smoke", stages
 
 
@@ -221,3 +222,23 @@ def test_report_is_offline(toy):
     for page in (run_dir / "report").glob("*.html"):
         text = page.read_text()
         assert report.external_references(text) == [] and "<script" not in text.lower()
+
+
+def test_weights_are_checked_only_for_stages_that_will_compute(toy, tmp_path, monkeypatch):
+    """A finished or taken-over stage reads no weights, so a cache without them does not stop the run."""
+    from flowsan_lib.models.fetch import FetchError
+    run, run_dir, (a, b, _) = toy
+    a = Stage("a", a.sections, a.inputs, weights=lambda P: {"shape_predictor_5_face_landmarks.dat"})
+    b = Stage("b", b.sections, b.inputs, weights=lambda P: {"face_recognition_model.bin"})
+    monkeypatch.setenv("FLOWSAN_MODEL_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(FetchError, match="shape_predictor_5_face_landmarks.dat is missing") as e:
+        run(stages=(a, b), fetch_models=True)
+    assert "face_recognition_model.bin is missing" in str(e.value) and not (run_dir / "a").exists()
+
+    assert run(stages=(a, b)).ran == ["a", "b"]                            # computed without the check
+    assert run(stages=(a, b), fetch_models=True).skipped == ["a", "b"]     # current: nothing to check
+    other = run(stages=(a, b), fetch_models=True, run_name="other", reuse_from=(run_dir,))
+    assert other.ran == [] and other.reused == ["a", "b"]                  # both taken over
+    with pytest.raises(FetchError) as e:                                   # b changed: only b's weights
+        run(stages=(a, b), fetch_models=True, overrides={"aux.epochs": 3}, force=True)
+    assert "face_recognition_model.bin is missing" in str(e.value) and "shape_predictor" not in str(e.value)

@@ -292,7 +292,7 @@ def _perturb(m, x, y, lms, t: int, device):
     the device the model was loaded on passed through."""
     from .methods import ens_avg, flow_sequence, member_outputs
     m.check_images(x)
-    bank = m.bank(lms)
+    bank, y = m.bank(lms), m.prototype_labels(y)
     if m.kind == "flowsan":
         return flow_sequence(m.stages, x, bank, y, t, device=device)[-1]
     return ens_avg(member_outputs(m.stages, x, bank, y, t, device=device), t)

@@ -104,6 +104,7 @@ class SanParams:
     eps: float = 8.0                # residual budget in grey levels, (0, 255]
     seen_classifiers: list[GenderClassifierName] = field(default_factory=list)  # pretrained G's added to J_G
     input_diversity: bool = False   # random resize-pad, shift, blur, noise, quantisation before J_G (training only)
+    direction: Literal["opposite", "random"] = "opposite"  # which gender I'_op is pushed to: 1-y (paper) or a seeded coin per face
     extra_matchers: list[MatcherName] = field(default_factory=list)  # matchers added to M in J_M
     match_distance: Literal["squared", "cosine"] = "squared"  # J_M per matcher: the paper's, or 1 - cosine
     stage_epochs: list[int] = field(default_factory=list)      # per-stage epochs (one per stage; [] = epochs)
@@ -121,6 +122,8 @@ class SanParams:
         _need(not self.init_from_ensemble or self.train_ensemble, "init_from_ensemble",
               "needs train_ensemble: true")
         _need(0 < self.eps <= 255, "eps", f"must be in (0, 255] grey levels (got {self.eps})")
+        _need(self.direction == "opposite" or self.gender_target == "flip", "direction",
+              "random needs gender_target: flip (the coin picks the gender that I'_op is pushed to)")
         _need(self.matcher not in self.extra_matchers, "extra_matchers", f"repeats san.matcher {self.matcher!r}")
         for key in ("stage_epochs", "stage_w_gender"):
             values = getattr(self, key)

@@ -219,8 +219,8 @@ def _fit_san(san: SAN, train: StageData, valid: StageData, gender, matcher, sp, 
 
 # --- training FlowSAN and the ensemble -------------------------------------------------------
 
-LEVERS = ("output", "eps", "seen_classifiers", "input_diversity", "extra_matchers", "match_distance",
-          "stage_w_gender")
+LEVERS = ("output", "eps", "seen_classifiers", "input_diversity", "direction", "extra_matchers",
+          "match_distance", "stage_w_gender")
 
 
 def san_params_dict(sp) -> dict:

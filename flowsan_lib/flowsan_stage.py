@@ -17,7 +17,7 @@ from .modelio import ModelError, save_model
 from .models.aux_cnn import AuxGenderCNN, load_aux
 from .prototypes import ProtoBank, load_prototypes, make_bank
 from .device import module_device, pick_device, resolve_precision
-from .levers import loss_classifiers, loss_matcher
+from .levers import loss_classifiers, loss_matcher, prototype_labels
 
 
 @torch.no_grad()
@@ -77,15 +77,18 @@ def seen_metrics(aux: list, matcher, seq: Sequences, seed: int) -> dict:
     return out
 
 
-def _split_data(fs, split: str, desc: torch.Tensor, bank: ProtoBank, device) -> tuple[np.ndarray, StageData]:
-    """One split's StageData on device: originals as uint8 [N,1,R,R] (made float per batch)."""
+def _split_data(fs, split: str, desc: torch.Tensor, bank: ProtoBank, device, sp, seed: int
+                ) -> tuple[np.ndarray, np.ndarray, StageData]:
+    """(rows, true labels, StageData on device): originals as uint8 [N,1,R,R] (made float per batch); the
+    StageData's labels pick the prototypes and J_G's targets (levers.prototype_labels: y, or a coin)."""
     rows = np.flatnonzero((fs.table["split"].to_numpy() == split) & (fs.table["gender"].to_numpy() >= 0))
     if len(rows) == 0:
         raise ValueError(f"the {split} split has no labelled face: "
                          "the 04_flowsan stage needs train, val and test faces")
     x = torch.from_numpy(np.ascontiguousarray(fs.gray[rows])).unsqueeze(1)
     y = torch.from_numpy(fs.table["gender"].to_numpy()[rows]).float()
-    return rows, StageData(x, x, desc[rows], y, bank.subset(rows)).to(device)
+    labels = prototype_labels(y, sp.direction, seed)
+    return rows, y.numpy().astype(int), StageData(x, x, desc[rows], labels, bank.subset(rows)).to(device)
 
 
 def load_aux_classifiers(aux_dir: Path, n: int, device="cpu") -> list[AuxGenderCNN]:
@@ -126,9 +129,9 @@ def run_flowsan_stage(P, *, faces: Path, prototypes: Path, aux: Path, out: Path,
     t0 = time.time()
     bank = make_bank(protos, P.prototypes.channels, P.prototypes.warp, fs.landmarks)
     t_bank = time.time() - t0
-    _, train = _split_data(fs, "train", desc, bank, device)
-    _, valid = _split_data(fs, "val", desc, bank, device)
-    test_rows, test = _split_data(fs, "test", desc, bank, device)
+    _, _, train = _split_data(fs, "train", desc, bank, device, sp, P.seed)
+    _, _, valid = _split_data(fs, "val", desc, bank, device, sp, P.seed)
+    test_rows, test_y, test = _split_data(fs, "test", desc, bank, device, sp, P.seed)
     base = base_params(P, r)
     ckpt, hist = stage_dir / "checkpoints", stage_dir / "history"
     hist.mkdir(parents=True, exist_ok=True)
@@ -150,7 +153,7 @@ def run_flowsan_stage(P, *, faces: Path, prototypes: Path, aux: Path, out: Path,
     mem_out = member_outputs(members, test.original, test.bank, test.y, device=device, precision="fp32")
     empty = np.zeros((0, len(test_rows), r, r), np.uint8)
     picks = gibbs_picks(len(test_rows), len(members), P.seed) if members else np.zeros((0, len(test_rows)), np.int64)
-    write_test_outputs(stage_dir / "outputs_test.npz", test_rows, test.y.cpu().numpy().astype(int),
+    write_test_outputs(stage_dir / "outputs_test.npz", test_rows, test_y,
                        fs.table["identity"].to_numpy()[test_rows], to_uint8(test.original),
                        np.stack([to_uint8(x) for x in flow_out]),
                        np.stack([to_uint8(x) for x in mem_out]) if mem_out else empty, picks)

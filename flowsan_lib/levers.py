@@ -105,3 +105,20 @@ def loss_classifiers(aux: list[nn.Module], sp, device) -> list[nn.Module]:
     from .models.interfaces import load_gender_classifier
     pretrained = [load_gender_classifier(name, device) for name in sp.seen_classifiers]
     return [GenderEnsemble([g, *pretrained]) for g in aux]
+
+
+def prototype_labels(y: torch.Tensor, direction: str, seed: int) -> torch.Tensor:
+    """The gender label that picks each face's prototype pair (P_sm = protos[l], P_op = protos[1-l]).
+
+    "opposite" (paper): l = y, so I'_op is pushed to the other gender. "random": l = y XOR a coin fixed
+    per face position and seed, so I'_op is pushed to a gender independent of the true one; a classifier
+    that follows the SAN's edit then scores at chance (AUC 0.5) instead of flipped (AUC near 0)."""
+    if direction == "opposite":
+        return y
+    if direction != "random":
+        raise ValueError(f"san.direction must be 'opposite' or 'random', got {direction!r}")
+    pos = torch.arange(len(y), dtype=torch.int64) + int(seed) * 0x9E3779B1
+    for _ in range(2):                                   # integer hash: balanced, uncorrelated with row order
+        pos = ((pos ^ (pos >> 16)) * 0x45D9F3B) & 0xFFFFFFFF
+    coin = ((pos ^ (pos >> 16)) & 1).to(y.device)
+    return (y.long() ^ coin).to(y.dtype)

@@ -106,6 +106,12 @@ class FlowModel:
             raise ModelError(f"model {self.folder} works on gray crops [N,1,{r},{r}] (trained at {r} px), "
                              f"got {list(x.shape)}")
 
+    def prototype_labels(self, y: torch.Tensor) -> torch.Tensor:
+        """The labels that pick the prototypes, as in training (san.direction; the coin seeded as trained)."""
+        from .levers import prototype_labels
+        params = self.doc.get("params") if isinstance(self.doc.get("params"), dict) else {}
+        return prototype_labels(y, (params.get("san") or {}).get("direction", "opposite"), params.get("seed", 0))
+
     def bank(self, landmarks: np.ndarray | None = None) -> ProtoBank:
         """Prototypes for faces (warped onto their landmarks when the model was trained so)."""
         if self.warp and landmarks is None:
@@ -130,7 +136,7 @@ class FlowModel:
         y = torch.as_tensor(y).float()
         if y.shape != (len(x),) or not torch.isin(y, torch.tensor([0.0, 1.0])).all():
             raise ModelError(f"need one gender label (1 = male, 0 = female) per image, got shape {list(y.shape)}")
-        bank = self.bank(landmarks)
+        bank, y = self.bank(landmarks), self.prototype_labels(y)
         if self.kind == "flowsan":
             return flow_sequence(self.stages, x, bank, y, t, precision="fp32")
         return member_outputs(self.stages, x, bank, y, t, precision="fp32")

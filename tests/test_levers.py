@@ -173,3 +173,46 @@ def test_default_levers_leave_stage_params_as_before():
     d = san_params_dict(SanParams())
     assert not {"output", "eps", "seen_classifiers", "input_diversity", "extra_matchers", "match_distance"} & set(d)
     assert san_params_dict(SanParams(output="residual", eps=4.0))["eps"] == 4.0
+
+
+def test_random_direction_picks_prototypes_by_a_seeded_coin_independent_of_gender():
+    from flowsan_lib.levers import prototype_labels
+    y = torch.tensor([0.0, 1.0] * 500)
+    assert torch.equal(prototype_labels(y, "opposite", 3), y)
+    a, b, c = prototype_labels(y, "random", 3), prototype_labels(y, "random", 3), prototype_labels(y, "random", 4)
+    assert torch.equal(a, b) and not torch.equal(a, c) and a.dtype == y.dtype
+    swapped = a != y
+    for g in (0.0, 1.0):                                  # about half of each gender, so labels carry no gender
+        assert 0.4 < swapped[y == g].float().mean() < 0.6
+    assert 0.4 < a.mean() < 0.6
+    with pytest.raises(ValueError, match="san.direction"):
+        prototype_labels(y, "sideways", 3)
+
+
+def test_random_direction_needs_the_flip_target():
+    from flowsan_lib import config
+    assert config.load("smoke", {"san.direction": "random"}).san.direction == "random"
+    with pytest.raises(config.ParamError, match="direction"):
+        config.load("smoke", {"san.direction": "random", "san.gender_target": "uniform"})
+
+
+def test_random_direction_reaches_training_and_test_labels_but_not_the_stored_truth(tmp_path):
+    """04's splits: the StageData labels (prototypes, J_G targets) are the coin's; the true labels are kept."""
+    import types
+    import numpy as np
+    import pandas as pd
+    from flowsan_lib import config
+    from flowsan_lib.flowsan_stage import _split_data
+    from flowsan_lib.prototypes import ProtoBank
+    n = 200
+    fs = types.SimpleNamespace(table=pd.DataFrame({"split": ["test"] * n, "gender": [0, 1] * (n // 2)}),
+                               gray=np.zeros((n, 8, 8), np.uint8))
+    bank = ProtoBank(torch.stack([torch.zeros(1, 8, 8), torch.ones(1, 8, 8)]))
+    for direction, expect_swaps in (("opposite", False), ("random", True)):
+        sp = config.load("smoke", {"san.direction": direction}).san
+        rows, y_true, data = _split_data(fs, "test", torch.zeros(n, 4), bank, "cpu", sp, seed=5)
+        assert (y_true == fs.table["gender"].to_numpy()).all()
+        swapped = data.y.numpy().astype(int) != y_true
+        assert swapped.any() == expect_swaps and (not expect_swaps or 0.35 < swapped.mean() < 0.65)
+        p_sm, p_op = data.bank.pair(torch.arange(n), data.y)      # P_op follows the label, not the truth
+        assert torch.equal(p_op[:, 0, 0, 0], 1 - data.y)

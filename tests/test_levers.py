@@ -216,3 +216,15 @@ def test_random_direction_reaches_training_and_test_labels_but_not_the_stored_tr
         assert swapped.any() == expect_swaps and (not expect_swaps or 0.35 < swapped.mean() < 0.65)
         p_sm, p_op = data.bank.pair(torch.arange(n), data.y)      # P_op follows the label, not the truth
         assert torch.equal(p_op[:, 0, 0, 0], 1 - data.y)
+
+
+def test_a_saved_model_applies_the_direction_it_was_trained_with():
+    """FlowModel (anonymize, the explorer) picks prototypes as 04 did: the trained direction and seed."""
+    from flowsan_lib.levers import prototype_labels
+    from flowsan_lib.modelio import FlowModel
+    y = torch.tensor([0.0, 1.0] * 50)
+    model = lambda doc: FlowModel("flowsan", 32, [], {}, 1, False, None, doc, None)
+    assert torch.equal(model({"params": {"seed": 5, "san": {"direction": "random"}}}).prototype_labels(y),
+                       prototype_labels(y, "random", 5))
+    assert torch.equal(model({"params": {"seed": 5, "san": {}}}).prototype_labels(y), y)  # trained before the lever
+    assert torch.equal(model({}).prototype_labels(y), y)

@@ -104,7 +104,7 @@ class SanParams:
     eps: float = 8.0                # residual budget in grey levels, (0, 255]
     seen_classifiers: list[GenderClassifierName] = field(default_factory=list)  # pretrained G's added to J_G
     input_diversity: bool = False   # random resize-pad, shift, blur, noise, quantisation before J_G (training only)
-    direction: Literal["opposite", "random"] = "opposite"  # which gender I'_op is pushed to: 1-y (paper) or a seeded coin per face
+    direction: Literal["opposite", "random"] = "opposite"  # I'_op pushed to 1-y (paper) or a seeded coin per face
     extra_matchers: list[MatcherName] = field(default_factory=list)  # matchers added to M in J_M
     match_distance: Literal["squared", "cosine"] = "squared"  # J_M per matcher: the paper's, or 1 - cosine
     stage_epochs: list[int] = field(default_factory=list)      # per-stage epochs (one per stage; [] = epochs)

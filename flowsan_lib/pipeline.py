@@ -32,7 +32,7 @@ from .layout import MARKER, NOTEBOOK_DIR, PROJECT_ROOT, STAGES, RunLayout, Stage
 log = logging.getLogger("flowsan.run")
 log.setLevel(logging.INFO)  # logs/run.log records every run, also when called as a library (no CLI logging setup)
 GLOBAL_KEYS = ("seed",)  # top-level params that change every stage's result
-EXECUTION_KEYS = ("gpus", "threads")  # how a run executes, not what it computes: may change between runs of a folder
+EXECUTION_KEYS = ("gpus", "threads")  # how a run executes, not what it computes: may differ between runs
 LIBRARY = PROJECT_ROOT / "flowsan_lib"
 
 

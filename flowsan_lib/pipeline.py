@@ -134,14 +134,15 @@ def fingerprint(stage: Stage, params: config.RunParams, run: RunLayout, notebook
     })
 
 
-def stage_state(run: RunLayout, stage: Stage, fp: str) -> str:
-    """'current', or why the stage must run: 'never finished', 'changed inputs or code', or the damage."""
+def stage_state(run: RunLayout, stage: Stage, fp: str, hashed: bool = False) -> str:
+    """'current', or why the stage must run: 'never finished', 'changed inputs or code', or the damage.
+    hashed: its files were found intact earlier in this run (not hashed again)."""
     marker = read_marker(run.root, stage.name)
     if marker is None:
         return "never finished"
     if marker.get("fingerprint") != fp:
         return "parameters, code or inputs changed"
-    problems = tree_problems(run.stage_dir(stage.name), marker.get("files", {}))
+    problems = [] if hashed else tree_problems(run.stage_dir(stage.name), marker.get("files", {}))
     return f"outputs damaged ({'; '.join(problems[:3])})" if problems else "current"
 
 
@@ -203,23 +204,27 @@ def _current(run: RunLayout, stage: Stage, params: config.RunParams, notebook_di
 
 
 def stages_to_run(run: RunLayout, params: config.RunParams, selected, forced, notebook_dir: Path,
-                  reuse_from: tuple[Path, ...] = ()) -> list[Stage]:
-    """The selected stages that will compute: forced, downstream of one that will, or current neither
-    here nor in a run they can be taken over from (--reuse-from)."""
+                  reuse_from: tuple[Path, ...] = ()) -> tuple[list[Stage], set[str]]:
+    """The selected stages that will compute (forced, downstream of one that will, or current neither
+    here nor in a run they can be taken over from with --reuse-from), and those current here."""
     todo: list[Stage] = []
+    current: set[str] = set()
     for stage in selected:
+        if stage.name not in forced and _current(run, stage, params, notebook_dir):
+            current.add(stage.name)
         if (stage.name in forced or any(t.name in stage.needs for t in todo) or not (
-                _current(run, stage, params, notebook_dir) or
+                stage.name in current or
                 any(_current(RunLayout(Path(r)), stage, params, notebook_dir) for r in reuse_from))):
             todo.append(stage)
-    return todo
+    return todo, current
 
 
 def preflight(run: RunLayout, params: config.RunParams, selected, forced, notebook_dir: Path,
-              reuse_from: tuple[Path, ...] = (), check_weights: bool = True) -> None:
+              reuse_from: tuple[Path, ...] = (), check_weights: bool = True) -> set[str]:
     """Before any work, the outside inputs of each stage that will compute (a current stage reads nothing):
-    its pretrained weights by hash (only those it reads; never fetched here) and its own checks."""
-    todo = stages_to_run(run, params, selected, forced, notebook_dir, reuse_from)
+    its pretrained weights by hash (only those it reads; never fetched here) and its own checks.
+    Returns the stages found current here (their files just hashed: the run does not hash them again)."""
+    todo, current = stages_to_run(run, params, selected, forced, notebook_dir, reuse_from)
     weights = {f for s in todo if s.weights for f in s.weights(params)}
     if check_weights and weights:
         from .models.fetch import check_cache
@@ -227,6 +232,7 @@ def preflight(run: RunLayout, params: config.RunParams, selected, forced, notebo
     for stage in todo:
         if stage.name in PREFLIGHT:
             PREFLIGHT[stage.name](params)
+    return current
 
 
 @contextmanager
@@ -288,26 +294,28 @@ def run(preset: str, run_name: str | None = None, only=None, from_stage: str | N
     check_params_change(run_layout, params, force)
     from .device import check_run_device
     check_run_device(params.device, params.gpus)      # device: cuda without a GPU, --gpus 4 on 2: refused here
-    preflight(run_layout, params, selected, forced, notebook_dir, tuple(Path(r) for r in reuse_from), fetch_models)
+    reuse_from = tuple(Path(r) for r in reuse_from)
+    hashed = preflight(run_layout, params, selected, forced, notebook_dir, reuse_from, fetch_models)
     with run_lock(run_layout):
         handler = _file_handler(run_layout)
         log.addHandler(handler)
         try:
-            return _run_locked(run_layout, params, selected, forced, notebook_dir, report, preset,
-                               tuple(Path(r) for r in reuse_from))
+            return _run_locked(run_layout, params, selected, forced, notebook_dir, report, preset, reuse_from,
+                               hashed)
         finally:
             log.removeHandler(handler)
             handler.close()
 
 
-def _run_locked(run: RunLayout, params, selected, forced, notebook_dir, report, preset, reuse_from=()) -> RunResult:
+def _run_locked(run: RunLayout, params, selected, forced, notebook_dir, report, preset, reuse_from=(),
+                hashed: set[str] = frozenset()) -> RunResult:
     recover_promotions(run, selected)
     attempt = run.attempt_params_file()
     attempt.parent.mkdir(parents=True, exist_ok=True)
     config.dump(params, attempt)
     log.info("run %s: preset %s, stages %s", run.root.name, preset, ", ".join(s.name for s in selected))
     result = RunResult(run.root)
-    verified: set[str] = set()     # stages whose files were hashed (or written) in this run: not hashed again
+    verified = set(hashed)         # stages whose files were hashed (or written) in this run: not hashed again
     for stage in selected:
         for need in stage.needs:
             marker = read_marker(run.root, need)
@@ -319,7 +327,7 @@ def _run_locked(run: RunLayout, params, selected, forced, notebook_dir, report, 
                                f"damaged ({'; '.join(problems[:3])}); re-run it with --from {need}")
             verified.add(need)
         fp = fingerprint(stage, params, run, notebook_dir)
-        state = "forced" if stage.name in forced else stage_state(run, stage, fp)
+        state = "forced" if stage.name in forced else stage_state(run, stage, fp, stage.name in verified)
         verified.add(stage.name)    # current: just hashed; otherwise rebuilt or taken over below
         if state == "current":
             log.info("%s: up to date, skipped", stage.name)

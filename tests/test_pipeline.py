@@ -242,3 +242,17 @@ def test_weights_are_checked_only_for_stages_that_will_compute(toy, tmp_path, mo
     with pytest.raises(FetchError) as e:                                   # b changed: only b's weights
         run(stages=(a, b), fetch_models=True, overrides={"aux.epochs": 3}, force=True)
     assert "face_recognition_model.bin is missing" in str(e.value) and "shape_predictor" not in str(e.value)
+
+
+def test_an_up_to_date_run_hashes_each_stage_once(toy, monkeypatch):
+    """The preflight's hashes serve the run: a skipped stage's files are read once, not twice."""
+    from collections import Counter
+    run, run_dir, _ = toy
+    run()
+    calls, real = Counter(), pipeline.tree_problems
+    monkeypatch.setattr(pipeline, "tree_problems", lambda d, files: calls.update([d.name]) or real(d, files))
+    assert run(fetch_models=True).skipped == ["a", "b"]
+    assert calls == Counter({"a": 1, "b": 1})
+    (run_dir / "a" / "metrics.json").write_text("{}")               # damaged: found, hashed again, rebuilt
+    calls.clear()
+    assert run().ran == ["a", "b"] and calls["a"] == 2

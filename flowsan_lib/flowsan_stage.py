@@ -45,6 +45,20 @@ MATCH_FMR = 0.01          # operating point of the stage's quick matcher check
 MATCH_IMPOSTORS = 2000    # impostor pairs of that check (the full evaluation samples its own)
 
 
+def stage_edits(original: np.ndarray, outputs: list[np.ndarray]) -> list[dict]:
+    """What each FlowSAN stage changed in its own input (uint8 images): mean and largest |edit| in grey
+    levels, and the share of pixels edited by at least 98% of that largest edit. A residual SAN whose
+    edit is +-eps almost everywhere has saturated its tanh (no gradient left to learn from)."""
+    rows, prev = [], original.astype(np.int16)
+    for x in outputs:
+        d = np.abs(x.astype(np.int16) - prev)
+        top = int(d.max())
+        rows.append({"mean_grey": float(d.mean()), "max_grey": top,
+                     "at_max": float((d >= max(1, top) * 250 / 255).mean()) if top else 0.0})
+        prev = x.astype(np.int16)
+    return rows
+
+
 def seen_metrics(aux: list, matcher, seq: Sequences, seed: int) -> dict:
     """Auxiliary classifiers' AUC and the auxiliary matcher's TMR at FMR 1% on the test outputs."""
     from .evaluate.pairs import different_image_pairs
@@ -74,6 +88,7 @@ def seen_metrics(aux: list, matcher, seq: Sequences, seed: int) -> dict:
     orig = seq.original.astype(np.float32) / 255
     change = lambda images: [float(np.abs(x / 255 - orig).mean()) for x in images]
     out["mean_abs_change"] = {"flowsan": change(seq.flowsan), **({"ens_avg": change(avg)} if ens else {})}
+    out["stage_edits"] = stage_edits(seq.original, seq.flowsan)
     return out
 
 
@@ -207,6 +222,13 @@ def tmr_table(metrics: dict):
     rows = [{"method": k[4:], "original": m["tmr_original"], **{f"t={t}": v for t, v in enumerate(vals, 1)}}
             for k, vals in m.items() if k.startswith("tmr_") and k != "tmr_original"]
     return pd.DataFrame(rows).set_index("method").round(3)
+
+
+def edit_table(metrics: dict):
+    """Each FlowSAN stage's edit of its own input on the test faces (grey levels; see stage_edits)."""
+    import pandas as pd
+    rows = metrics.get("stage_edits", [])
+    return pd.DataFrame(rows, index=pd.Index(range(1, len(rows) + 1), name="stage")).round(3)
 
 
 def time_table(metrics: dict):

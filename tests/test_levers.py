@@ -1,6 +1,7 @@
 """Levers beyond the paper change the computation as documented (docs/LEVERS.md), on real faces."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from fastai.callback.core import Callback
@@ -38,6 +39,7 @@ def test_residual_output_stays_within_eps_of_the_input(faces, eps):
     torch.manual_seed(0)
     san = SAN(32, 3, 0.25, residual_eps=eps)
     with torch.no_grad():
+        san.combiner.weight.normal_(), san.combiner.bias.normal_()   # a trained combiner (it starts at zero)
         for w in san.parameters():
             w.mul_(20)                                        # saturate tanh: the budget must still hold
         out_sm, out_op = san(x, p[y], p[1 - y])
@@ -48,6 +50,33 @@ def test_residual_output_stays_within_eps_of_the_input(faces, eps):
     assert torch.allclose(out_op, ref[1], atol=1e-6)
     assert SAN(**san.config()).residual_eps == eps                      # saved with the weights
     assert "residual_eps" not in SAN(32, 3, 0.25).config()             # the paper's SAN files are unchanged
+
+
+def test_residual_san_starts_at_the_identity_with_a_live_gradient(faces):
+    x, y, p = faces
+    torch.manual_seed(0)
+    san = SAN(32, 3, 0.25, residual_eps=16.0)
+    out_sm, out_op = san(x, p[y], p[1 - y])
+    assert torch.equal(out_sm, x) and torch.equal(out_op, x)           # I' = I before any training
+    (out_op - 0.5).square().sum().backward()
+    assert san.combiner.weight.grad.abs().sum() > 0                     # tanh'(0) = 1: the edit can be learned
+    paper = SAN(32, 3, 0.25)
+    assert paper.combiner.weight.abs().sum() > 0                        # the paper's SAN keeps its random start
+    assert not torch.allclose(paper(x, p[y], p[1 - y])[1], x, atol=0.05)
+
+
+def test_stage_edits_measure_each_stage_against_its_own_input():
+    from flowsan_lib.flowsan_stage import stage_edits
+    orig = np.full((2, 4, 4), 100, np.uint8)
+    t1 = orig.copy()
+    t1[0] += 8                                                          # half the pixels moved by 8
+    t2 = t1.copy()
+    t2[:, :2] -= 4                                                      # a quarter of them by 4 more
+    t2[1, 3, 3] += 1
+    e = stage_edits(orig, [t1, t2])
+    assert e[0] == {"mean_grey": 4.0, "max_grey": 8, "at_max": 0.5}
+    assert e[1]["max_grey"] == 4 and e[1]["at_max"] == 16 / 32
+    assert e[1]["mean_grey"] == pytest.approx((16 * 4 + 1) / 32)
 
 
 def test_residual_sanparams_build_a_residual_san(faces, tmp_path, faceapi_matcher):

@@ -102,6 +102,7 @@ class SanParams:
     # --- levers beyond the paper (docs/LEVERS.md); the defaults are the paper's method ---
     output: Literal["reconstruct", "residual"] = "reconstruct"  # residual: I' = clip(I + eps * tanh(.))
     eps: float = 8.0                # residual budget in grey levels, (0, 255]
+    center_edit: bool = False       # residual: no uniform brightness shift (each output's logit minus its mean)
     seen_classifiers: list[GenderClassifierName] = field(default_factory=list)  # pretrained G's added to J_G
     input_diversity: bool = False   # random resize-pad, shift, blur, noise, quantisation before J_G (training only)
     direction: Literal["opposite", "random"] = "opposite"  # I'_op pushed to 1-y (paper) or a seeded coin per face
@@ -122,6 +123,7 @@ class SanParams:
         _need(not self.init_from_ensemble or self.train_ensemble, "init_from_ensemble",
               "needs train_ensemble: true")
         _need(0 < self.eps <= 255, "eps", f"must be in (0, 255] grey levels (got {self.eps})")
+        _need(not self.center_edit or self.output == "residual", "center_edit", "needs output: residual")
         _need(self.direction == "opposite" or self.gender_target == "flip", "direction",
               "random needs gender_target: flip (the coin picks the gender that I'_op is pushed to)")
         _need(self.matcher not in self.extra_matchers, "extra_matchers", f"repeats san.matcher {self.matcher!r}")

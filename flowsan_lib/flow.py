@@ -219,7 +219,7 @@ def _fit_san(san: SAN, train: StageData, valid: StageData, gender, matcher, sp, 
 
 # --- training FlowSAN and the ensemble -------------------------------------------------------
 
-LEVERS = ("output", "eps", "seen_classifiers", "input_diversity", "direction", "extra_matchers",
+LEVERS = ("output", "eps", "center_edit", "seen_classifiers", "input_diversity", "direction", "extra_matchers",
           "match_distance", "stage_w_gender")
 
 
@@ -268,7 +268,7 @@ def _train_or_load(role: str, i: int, sp, seed: int, train: StageData, valid: St
         return san.to(device), {**meta.get("summary", {}), "loaded": True}
     torch.manual_seed(derive_seed(seed, "san-init", i))  # the same start for FlowSAN stage i and member i
     san = SAN(params["resolution"], train.bank.channels, sp.width,   # CPU generator: the same start on any device
-              residual_eps=sp.eps if sp.output == "residual" else 0.0)
+              residual_eps=sp.eps if sp.output == "residual" else 0.0, center_edit=sp.center_edit)
     if init is not None:
         san.load_state_dict(init.state_dict())
     san = san.to(device)                                 # a fresh module: created here, then trained in place

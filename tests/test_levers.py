@@ -65,6 +65,27 @@ def test_residual_san_starts_at_the_identity_with_a_live_gradient(faces):
     assert not torch.allclose(paper(x, p[y], p[1 - y])[1], x, atol=0.05)
 
 
+def test_center_edit_removes_a_uniform_brightness_shift(faces):
+    x, y, p = faces
+    plain, centred = SAN(32, 3, 0.25, residual_eps=32.0), SAN(32, 3, 0.25, residual_eps=32.0, center_edit=True)
+    with torch.no_grad():
+        for san in (plain, centred):
+            san.combiner.bias.fill_(5.0)                                # the edit a brightness shift learns
+        bright, same = plain.perturb(x, p[y], p[1 - y]), centred.perturb(x, p[y], p[1 - y])
+        assert ((bright - x) * 255).mean() > 25                        # +32 where not clipped at white
+        assert torch.equal(same, x)                                    # a uniform logit is no edit at all
+        centred.combiner.weight.normal_()
+        edit = centred.perturb(x, p[y], p[1 - y]) - x
+    assert edit.abs().max() > 0 and edit.abs().max() <= 32 / 255 + 1e-6
+    loaded = SAN(**centred.config())
+    assert loaded.center_edit and "center_edit" not in plain.config()   # saved with the SAN; old files unchanged
+    with pytest.raises(ValueError, match="center_edit"):
+        SAN(32, 3, 0.25, center_edit=True)
+    with pytest.raises(config.ParamError, match="san.center_edit"):
+        config.load("smoke", {"san.center_edit": True})                # a reconstructing SAN has no edit
+    assert config.load("smoke", {"san.center_edit": True, "san.output": "residual"}).san.center_edit
+
+
 def test_stage_edits_measure_each_stage_against_its_own_input():
     from flowsan_lib.flowsan_stage import stage_edits
     orig = np.full((2, 4, 4), 100, np.uint8)
@@ -79,17 +100,19 @@ def test_stage_edits_measure_each_stage_against_its_own_input():
     assert e[1]["mean_grey"] == pytest.approx((16 * 4 + 1) / 32)
 
 
-def test_residual_sanparams_build_a_residual_san(faces, tmp_path, faceapi_matcher):
+@pytest.mark.parametrize("center", [False, True])
+def test_residual_sanparams_build_a_residual_san(faces, tmp_path, faceapi_matcher, center):
     x, y, protos_rgb = faces
     tf_protos = {"rgb": protos_rgb}
     bank = make_bank({**tf_protos, "gray": protos_rgb.mean(1, keepdim=True)}, 3, False)
     with torch.no_grad():
         desc = faceapi_matcher(x)
     data = StageData(x, x, desc, y.float(), bank)
-    sp = SanParams(n_stages=1, epochs=1, batch_size=4, width=0.25, precision="fp32", output="residual", eps=4.0)
+    sp = SanParams(n_stages=1, epochs=1, batch_size=4, width=0.25, precision="fp32", output="residual", eps=4.0,
+                   center_edit=center)
     stages, _ = train_flowsan(sp, 1, data, data, [_g(1)], faceapi_matcher, tmp_path / "f", tmp_path / "ck",
                               tmp_path / "h", {"seed": 1, "resolution": 32})
-    assert stages[0].residual_eps == 4.0
+    assert stages[0].residual_eps == 4.0 and stages[0].center_edit == center
     with torch.no_grad():
         out = stages[0].perturb(x, *bank.pair(torch.arange(8), y.float()))
     assert (out - x).abs().max().item() <= 4 / 255 + 1e-6

@@ -55,7 +55,8 @@ def _conv(cin: int, cout: int) -> nn.Sequential:
 class SAN(nn.Module):
     """Semi-adversarial autoencoder: (I, P_sm, P_op) -> (I'_sm, I'_op), all in [0,1]."""
 
-    def __init__(self, resolution: int = 64, proto_channels: int = 3, width: float = 1.0, residual_eps: float = 0.0):
+    def __init__(self, resolution: int = 64, proto_channels: int = 3, width: float = 1.0, residual_eps: float = 0.0,
+                 center_edit: bool = False):
         super().__init__()
         if resolution % 4:
             raise ValueError(f"SAN resolution must be a multiple of 4 (two 2x poolings), got {resolution}")
@@ -65,6 +66,11 @@ class SAN(nn.Module):
         # 0: the paper's network, output = sigmoid(combiner). > 0: residual, output = clip(I + eps * tanh(combiner))
         # with eps in grey levels, so every pixel moves by at most eps and J_D measures the perturbation.
         self.residual_eps = float(residual_eps)
+        if center_edit and not self.residual_eps:
+            raise ValueError("SAN center_edit needs a residual SAN (residual_eps > 0)")
+        # Each output's logit minus its spatial mean: a uniform brightness shift, which matchers and
+        # classifiers mostly ignore, cannot take the budget (it did: +eps everywhere within one epoch).
+        self.center_edit = bool(center_edit)
         c1, c2 = max(1, round(256 * width)), max(1, round(128 * width))
         self.encoder = nn.Sequential(_conv(1 + proto_channels, 8), nn.AvgPool2d(2), _conv(8, 12), nn.AvgPool2d(2))
         self.decoder = nn.Sequential(_conv(12, c1), nn.Upsample(scale_factor=2, mode="nearest"),
@@ -82,12 +88,16 @@ class SAN(nn.Module):
         cfg = {"resolution": self.resolution, "proto_channels": self.proto_channels, "width": self.width}
         if self.residual_eps:                          # absent for the paper's SAN: old files load unchanged
             cfg["residual_eps"] = self.residual_eps
+        if self.center_edit:
+            cfg["center_edit"] = True
         return cfg
 
     def output(self, logit: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The image from the combiner's logit: sigmoid (paper), or the input plus a bounded residual."""
         if not self.residual_eps:
             return torch.sigmoid(logit)
+        if self.center_edit:
+            logit = logit - logit.mean((-2, -1), keepdim=True)
         return (x.to(logit.dtype) + (self.residual_eps / 255) * torch.tanh(logit)).clamp(0, 1)
 
     def check_inputs(self, x: torch.Tensor, p_sm: torch.Tensor, p_op: torch.Tensor) -> None:

@@ -20,6 +20,7 @@ SUITE=(--set 'evaluate.classifiers=["faceapi_gender","cydral_gender","ssrnet_gen
 LEVERS=(
   "faithful"
   "residual   san.output=\"residual\" san.eps=32.0"
+  "centred    san.output=\"residual\" san.eps=32.0 san.center_edit=true"
   "seen       san.seen_classifiers=[\"hse_gender\",\"oarriaga_gender\"]"
   "uniform    san.gender_target=\"uniform\""
   "diversity  san.input_diversity=true"

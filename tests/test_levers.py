@@ -280,3 +280,18 @@ def test_a_saved_model_applies_the_direction_it_was_trained_with():
                        prototype_labels(y, "random", 5))
     assert torch.equal(model({"params": {"seed": 5, "san": {}}}).prototype_labels(y), y)  # trained before the lever
     assert torch.equal(model({}).prototype_labels(y), y)
+
+
+def test_every_run_of_the_ablation_script_is_a_valid_configuration():
+    """benchmarks/lever_ablation.sh: each lever line, with the script's unseen suite, loads on medium."""
+    import shlex
+    from pathlib import Path
+    from flowsan_lib import config
+    from flowsan_lib.cli import _overrides
+    text = (Path(__file__).parents[1] / "benchmarks" / "lever_ablation.sh").read_text()
+    suite = shlex.split(text.split("SUITE=(")[1].split(")")[0])
+    lines = [shlex.split(line)[0].split() for line in text.split("LEVERS=(")[1].split("\n)")[0].strip().splitlines()]
+    assert len(lines) >= 7 and ["centred", 'san.output="residual"', "san.eps=32.0", "san.center_edit=true"] in lines
+    for name, *pairs in lines:
+        P = config.load("medium", _overrides(suite[1::2] + pairs))
+        assert P.evaluate.classifiers == ["faceapi_gender", "cydral_gender", "ssrnet_gender"], name

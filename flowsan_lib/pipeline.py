@@ -204,26 +204,37 @@ def _current(run: RunLayout, stage: Stage, params: config.RunParams, notebook_di
 
 
 def stages_to_run(run: RunLayout, params: config.RunParams, selected, forced, notebook_dir: Path,
-                  reuse_from: tuple[Path, ...] = ()) -> tuple[list[Stage], set[str]]:
+                  reuse_from: tuple[Path, ...] = ()) -> tuple[list[Stage], set[tuple[str, str]]]:
     """The selected stages that will compute (forced, downstream of one that will, or current neither
-    here nor in a run they can be taken over from with --reuse-from), and those current here."""
+    here nor in a run they can be taken over from with --reuse-from), and the (run folder, stage) pairs
+    found current on the way, here or in such a run (their files were just hashed)."""
     todo: list[Stage] = []
-    current: set[str] = set()
+    current: set[tuple[str, str]] = set()
     for stage in selected:
-        if stage.name not in forced and _current(run, stage, params, notebook_dir):
-            current.add(stage.name)
-        if (stage.name in forced or any(t.name in stage.needs for t in todo) or not (
-                stage.name in current or
-                any(_current(RunLayout(Path(r)), stage, params, notebook_dir) for r in reuse_from))):
+        here = stage.name not in forced and _current(run, stage, params, notebook_dir)
+        if here:
+            current.add((_key(run.root), stage.name))
+        if stage.name in forced or any(t.name in stage.needs for t in todo):
             todo.append(stage)
+        elif not here:
+            donor = next((r for r in reuse_from if _current(RunLayout(Path(r)), stage, params, notebook_dir)), None)
+            if donor is None:
+                todo.append(stage)
+            else:
+                current.add((_key(Path(donor)), stage.name))
     return todo, current
 
 
+def _key(root: Path) -> str:
+    return str(Path(root).resolve())
+
+
 def preflight(run: RunLayout, params: config.RunParams, selected, forced, notebook_dir: Path,
-              reuse_from: tuple[Path, ...] = (), check_weights: bool = True) -> set[str]:
+              reuse_from: tuple[Path, ...] = (), check_weights: bool = True) -> set[tuple[str, str]]:
     """Before any work, the outside inputs of each stage that will compute (a current stage reads nothing):
     its pretrained weights by hash (only those it reads; never fetched here) and its own checks.
-    Returns the stages found current here (their files just hashed: the run does not hash them again)."""
+    Returns the (run folder, stage) pairs found current, here or in a --reuse-from run (their files
+    just hashed: the run does not hash them again)."""
     todo, current = stages_to_run(run, params, selected, forced, notebook_dir, reuse_from)
     weights = {f for s in todo if s.weights for f in s.weights(params)}
     if check_weights and weights:
@@ -308,14 +319,15 @@ def run(preset: str, run_name: str | None = None, only=None, from_stage: str | N
 
 
 def _run_locked(run: RunLayout, params, selected, forced, notebook_dir, report, preset, reuse_from=(),
-                hashed: set[str] = frozenset()) -> RunResult:
+                hashed: set[tuple[str, str]] = frozenset()) -> RunResult:
     recover_promotions(run, selected)
     attempt = run.attempt_params_file()
     attempt.parent.mkdir(parents=True, exist_ok=True)
     config.dump(params, attempt)
     log.info("run %s: preset %s, stages %s", run.root.name, preset, ", ".join(s.name for s in selected))
     result = RunResult(run.root)
-    verified = set(hashed)         # stages whose files were hashed (or written) in this run: not hashed again
+    here = _key(run.root)
+    verified = {stage for root, stage in hashed if root == here}   # hashed (or written) in this run: not again
     for stage in selected:
         for need in stage.needs:
             marker = read_marker(run.root, need)
@@ -333,7 +345,7 @@ def _run_locked(run: RunLayout, params, selected, forced, notebook_dir, report, 
             log.info("%s: up to date, skipped", stage.name)
             result.skipped.append(stage.name)
             continue
-        donor = None if stage.name in forced else find_reusable(stage.name, fp, reuse_from, run)
+        donor = None if stage.name in forced else find_reusable(stage.name, fp, reuse_from, run, hashed)
         if donor is not None:
             adopt_stage(donor, run, stage.name)
             log.info("%s: reused from run %s (same fingerprint, files verified)", stage.name, donor.root.name)
@@ -350,15 +362,17 @@ def _run_locked(run: RunLayout, params, selected, forced, notebook_dir, report, 
     return result
 
 
-def find_reusable(stage: str, fp: str, runs: tuple[Path, ...], me: RunLayout) -> RunLayout | None:
-    """A run folder among `runs` whose finished `stage` has fingerprint fp and intact files."""
+def find_reusable(stage: str, fp: str, runs: tuple[Path, ...], me: RunLayout,
+                  hashed: set[tuple[str, str]] = frozenset()) -> RunLayout | None:
+    """A run folder among `runs` whose finished `stage` has fingerprint fp and intact files (`hashed`:
+    (run folder, stage) pairs whose files were hashed earlier in this run)."""
     for root in runs:
         other = RunLayout(Path(root))
-        if other.root.resolve() == me.root.resolve():
+        if _key(other.root) == _key(me.root):
             continue
         marker = read_marker(other.root, stage)
-        if marker and marker.get("fingerprint") == fp and not tree_problems(other.stage_dir(stage),
-                                                                            marker.get("files", {})):
+        if marker and marker.get("fingerprint") == fp and (
+                (_key(other.root), stage) in hashed or not tree_problems(other.stage_dir(stage), marker.get("files", {}))):
             return other
     return None
 

@@ -256,3 +256,18 @@ def test_an_up_to_date_run_hashes_each_stage_once(toy, monkeypatch):
     (run_dir / "a" / "metrics.json").write_text("{}")               # damaged: found, hashed again, rebuilt
     calls.clear()
     assert run().ran == ["a", "b"] and calls["a"] == 2
+
+
+def test_a_taken_over_stage_is_hashed_once(toy, monkeypatch):
+    """--reuse-from: the preflight's hash of the donor's files serves the take-over; a damaged donor is not taken."""
+    from collections import Counter
+    run, run_dir, _ = toy
+    run()
+    calls, real = Counter(), pipeline.tree_problems
+    monkeypatch.setattr(pipeline, "tree_problems", lambda d, files: calls.update([str(d.parent.name)]) or real(d, files))
+    assert run(run_name="taker", reuse_from=(run_dir,)).reused == ["a", "b"]
+    assert calls[run_dir.name] == 2                                   # a and b of the donor, once each
+    (run_dir / "b" / "metrics.json").write_text("{}")
+    calls.clear()
+    other = run(run_name="taker2", reuse_from=(run_dir,))
+    assert other.reused == ["a"] and other.ran == ["b"]

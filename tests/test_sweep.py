@@ -123,3 +123,19 @@ def test_sweep_runs_as_ray_tasks_on_a_local_ray(swept):
         ray.shutdown()
     assert [r["status"] for r in summary["runs"] if r["name"] in GOOD] == ["done", "done"]
     assert RunLayout(sweep_dir / GOOD[0]).marker("04_flowsan").read_text() == stamp
+
+
+def test_shipped_grids_plan_on_the_preset_they_name():
+    """Each grid in params/sweeps that names its command (`flowsan sweep PRESET --grid ...`) is valid there:
+    every combination loads, before a GPU session finds out."""
+    import re
+    from pathlib import Path
+    import yaml
+    checked = []
+    for grid in sorted((Path(__file__).parents[1] / "params" / "sweeps").glob("*.yaml")):
+        m = re.search(r"flowsan sweep (\S+) --grid params/sweeps/" + re.escape(grid.name), grid.read_text())
+        if m:
+            runs = sweep.plan(m.group(1), yaml.safe_load(grid.read_text()))
+            assert len(runs) >= 2 and len({r.name for r in runs}) == len(runs), grid.name
+            checked.append(grid.name)
+    assert {"plus-medium.yaml", "centred-medium.yaml"} <= set(checked)

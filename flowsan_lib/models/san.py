@@ -69,7 +69,8 @@ class SAN(nn.Module):
         if center_edit and not self.residual_eps:
             raise ValueError("SAN center_edit needs a residual SAN (residual_eps > 0)")
         # Each output's logit minus its spatial mean: a uniform brightness shift, which matchers and
-        # classifiers mostly ignore, cannot take the budget (it did: +eps everywhere within one epoch).
+        # classifiers mostly ignore, cannot take the budget (on medium it took +62 of 64 grey levels in
+        # the first epoch, and tanh then had no gradient left; docs/RESULTS.md).
         self.center_edit = bool(center_edit)
         c1, c2 = max(1, round(256 * width)), max(1, round(128 * width))
         self.encoder = nn.Sequential(_conv(1 + proto_channels, 8), nn.AvgPool2d(2), _conv(8, 12), nn.AvgPool2d(2))
@@ -77,9 +78,8 @@ class SAN(nn.Module):
                                      _conv(c1, c2), nn.Upsample(scale_factor=2, mode="nearest"))
         self.combiner = nn.Conv2d(c2 + proto_channels, 1, 1)
         if self.residual_eps:
-            # Start at the identity (I' = I, tanh'(0) = 1). A random combiner starts the edit at a large
-            # logit; the first steps then push tanh to +-1, where its gradient vanishes and the SAN
-            # stays a fixed +-eps pattern (measured: J_G flat from epoch 1, mean change = eps).
+            # Start at the identity (I' = I, tanh'(0) = 1): the edit grows from nothing, not from a
+            # random pattern, and a SAN that learns nothing changes nothing.
             nn.init.zeros_(self.combiner.weight)
             nn.init.zeros_(self.combiner.bias)
 

@@ -54,7 +54,7 @@ def stage_edits(original: np.ndarray, outputs: list[np.ndarray]) -> list[dict]:
         d = np.abs(x.astype(np.int16) - prev)
         top = int(d.max())
         rows.append({"mean_grey": float(d.mean()), "max_grey": top,
-                     "at_max": float((d >= max(1, top) * 250 / 255).mean()) if top else 0.0})
+                     "at_max": float((d >= 0.98 * top).mean()) if top else 0.0})
         prev = x.astype(np.int16)
     return rows
 

@@ -282,6 +282,36 @@ def test_a_saved_model_applies_the_direction_it_was_trained_with():
     assert torch.equal(model({}).prototype_labels(y), y)
 
 
+def test_the_attackers_training_split_is_released_with_the_trained_direction(tiny_faces_factory):
+    """05's adaptive attacker trains on what the model releases: with `direction: random` the coin picks
+    each face's prototypes there too (FlowModel.outputs), not the true gender. Before this, the attacker
+    learnt the paper's direction and was tested on the coin's: below chance by the test set's luck."""
+    import types
+    from pathlib import Path
+    import numpy as np
+    from flowsan_lib.evaluate.attacks import protected_split
+    from flowsan_lib.levers import prototype_labels
+    from flowsan_lib.methods import to_uint8
+    from flowsan_lib.modelio import FlowModel
+    from flowsan_lib.models.san import SAN
+    f = tiny_faces_factory(32)
+    class Split(list):                                   # a FaceSet split: len, tensor(), gender, landmarks
+        gender, landmarks, tensor = f.gender, None, staticmethod(f.images)
+    faces = types.SimpleNamespace(split=lambda name: Split(f.gender))
+    torch.manual_seed(0)
+    protos = {"gray": torch.stack([torch.full((1, 32, 32), 0.1), torch.full((1, 32, 32), 0.9)])}
+    y = torch.as_tensor(f.gender == 1).float()
+    for seed in range(20):                                # a seed whose coin swaps some but not all faces
+        if 0 < (prototype_labels(y, "random", seed) != y).sum() < len(y):
+            break
+    doc = {"params": {"seed": seed, "san": {"direction": "random"}}}
+    model = FlowModel("flowsan", 32, [SAN(32, 1, 0.25).eval()], protos, 1, False, None, doc, Path("m"))
+    released = to_uint8(model.outputs(f.images(), y)[-1])
+    paper = to_uint8(FlowModel("flowsan", 32, model.stages, protos, 1, False, None, {}, Path("m")).outputs(f.images(), y)[-1])
+    assert not np.array_equal(released, paper)            # the coin changes what is released
+    np.testing.assert_array_equal(protected_split(model, faces, "train")[-1], released)
+
+
 def test_every_run_of_the_ablation_script_is_a_valid_configuration():
     """benchmarks/lever_ablation.sh: each lever line, with the script's unseen suite, loads on medium."""
     import shlex

@@ -29,7 +29,9 @@ from . import metrics as M
 
 
 def protected_split(model, faces, split: str, device="cpu") -> list[np.ndarray]:
-    """Psi(I, t) for t = 1..n of one split's images, each uint8 [N, R, R]."""
+    """Psi(I, t) for t = 1..n of one split's images, each uint8 [N, R, R], as the model releases them: the
+    prototypes are picked by the labels it was trained with (FlowModel.prototype_labels), so with
+    `direction: random` the attacker trains on the same coin-driven edit it is tested on."""
     import torch
     from ..methods import flow_sequence, to_uint8
     sub = faces.split(split)
@@ -37,7 +39,7 @@ def protected_split(model, faces, split: str, device="cpu") -> list[np.ndarray]:
         return []
     x = sub.tensor()
     model.check_images(x)
-    y = torch.as_tensor(sub.gender == 1).float()
+    y = model.prototype_labels(torch.as_tensor(sub.gender == 1).float())
     with torch.no_grad():                          # FlowModel.outputs, on the evaluation's device
         outs = flow_sequence(model.stages, x, model.bank(sub.landmarks), y, device=device)
     return [to_uint8(o) for o in outs]

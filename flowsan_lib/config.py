@@ -105,7 +105,7 @@ class SanParams:
     center_edit: bool = False       # residual: no uniform brightness shift (each output's logit minus its mean)
     seen_classifiers: list[GenderClassifierName] = field(default_factory=list)  # pretrained G's added to J_G
     input_diversity: bool = False   # random resize-pad, shift, blur, noise, quantisation before J_G (training only)
-    direction: Literal["opposite", "random"] = "opposite"  # I'_op pushed to 1-y (paper) or a seeded coin per face
+    direction: Literal["opposite", "random", "balanced"] = "opposite"  # I'_op to 1-y (paper) or a coin (LEVERS.md)
     extra_matchers: list[MatcherName] = field(default_factory=list)  # matchers added to M in J_M
     match_distance: Literal["squared", "cosine"] = "squared"  # J_M per matcher: the paper's, or 1 - cosine
     stage_epochs: list[int] = field(default_factory=list)      # per-stage epochs (one per stage; [] = epochs)

@@ -102,7 +102,7 @@ def _split_data(fs, split: str, desc: torch.Tensor, bank: ProtoBank, device, sp,
                          "the 04_flowsan stage needs train, val and test faces")
     x = torch.from_numpy(np.ascontiguousarray(fs.gray[rows])).unsqueeze(1)
     y = torch.from_numpy(fs.table["gender"].to_numpy()[rows]).float()
-    labels = prototype_labels(y, sp.direction, seed)
+    labels = prototype_labels(y, sp.direction, seed, groups=fs.table["source"].to_numpy()[rows])
     return rows, y.numpy().astype(int), StageData(x, x, desc[rows], labels, bank.subset(rows)).to(device)
 
 

@@ -106,11 +106,13 @@ class FlowModel:
             raise ModelError(f"model {self.folder} works on gray crops [N,1,{r},{r}] (trained at {r} px), "
                              f"got {list(x.shape)}")
 
-    def prototype_labels(self, y: torch.Tensor) -> torch.Tensor:
-        """The labels that pick the prototypes, as in training (san.direction; the coin seeded as trained)."""
+    def prototype_labels(self, y: torch.Tensor, groups=None) -> torch.Tensor:
+        """The labels that pick the prototypes, as in training (san.direction; the coin seeded as trained;
+        groups: one value per face that a balanced coin balances within, e.g. the data source)."""
         from .levers import prototype_labels
         params = self.doc.get("params") if isinstance(self.doc.get("params"), dict) else {}
-        return prototype_labels(y, (params.get("san") or {}).get("direction", "opposite"), params.get("seed", 0))
+        return prototype_labels(y, (params.get("san") or {}).get("direction", "opposite"), params.get("seed", 0),
+                                groups)
 
     def bank(self, landmarks: np.ndarray | None = None) -> ProtoBank:
         """Prototypes for faces (warped onto their landmarks when the model was trained so)."""

@@ -241,6 +241,27 @@ def test_random_direction_picks_prototypes_by_a_seeded_coin_independent_of_gende
         prototype_labels(y, "sideways", 3)
 
 
+def test_balanced_direction_swaps_exactly_half_of_each_gender_in_each_group():
+    """The pushed-to gender (1 - label) is independent of the true one in the set itself, per group."""
+    import numpy as np
+    from flowsan_lib.levers import prototype_labels
+    y = torch.tensor([0.0, 1.0] * 50 + [1.0] * 31)
+    groups = np.array(["lfw"] * 60 + ["utkface"] * 71)
+    a = prototype_labels(y, "balanced", 3, groups)
+    assert torch.equal(a, prototype_labels(y, "balanced", 3, groups)) and a.dtype == y.dtype
+    assert not torch.equal(a, prototype_labels(y, "balanced", 4, groups))
+    for g in ("lfw", "utkface"):
+        for gender in (0.0, 1.0):
+            cell = torch.from_numpy(groups == g) & (y == gender)
+            n, swapped = int(cell.sum()), int((a != y)[cell].sum())
+            assert swapped in (n // 2, (n + 1) // 2), (g, gender, n, swapped)
+    whole = prototype_labels(y, "balanced", 3)                    # no groups: balanced over the whole set
+    for gender in (0.0, 1.0):
+        n = int((y == gender).sum())
+        assert int((whole != y)[y == gender].sum()) in (n // 2, (n + 1) // 2)
+    assert torch.equal(prototype_labels(y[:1], "balanced", 3), prototype_labels(y[:1], "balanced", 3))
+
+
 def test_random_direction_needs_the_flip_target():
     from flowsan_lib import config
     assert config.load("smoke", {"san.direction": "random"}).san.direction == "random"
@@ -257,10 +278,11 @@ def test_random_direction_reaches_training_and_test_labels_but_not_the_stored_tr
     from flowsan_lib.flowsan_stage import _split_data
     from flowsan_lib.prototypes import ProtoBank
     n = 200
-    fs = types.SimpleNamespace(table=pd.DataFrame({"split": ["test"] * n, "gender": [0, 1] * (n // 2)}),
+    fs = types.SimpleNamespace(table=pd.DataFrame({"split": ["test"] * n, "gender": [0, 1] * (n // 2),
+                                                   "source": ["lfw"] * 90 + ["utkface"] * (n - 90)}),
                                gray=np.zeros((n, 8, 8), np.uint8))
     bank = ProtoBank(torch.stack([torch.zeros(1, 8, 8), torch.ones(1, 8, 8)]))
-    for direction, expect_swaps in (("opposite", False), ("random", True)):
+    for direction, expect_swaps in (("opposite", False), ("random", True), ("balanced", True)):
         sp = config.load("smoke", {"san.direction": direction}).san
         rows, y_true, data = _split_data(fs, "test", torch.zeros(n, 4), bank, "cpu", sp, seed=5)
         assert (y_true == fs.table["gender"].to_numpy()).all()
@@ -268,6 +290,10 @@ def test_random_direction_reaches_training_and_test_labels_but_not_the_stored_tr
         assert swapped.any() == expect_swaps and (not expect_swaps or 0.35 < swapped.mean() < 0.65)
         p_sm, p_op = data.bank.pair(torch.arange(n), data.y)      # P_op follows the label, not the truth
         assert torch.equal(p_op[:, 0, 0, 0], 1 - data.y)
+        if direction == "balanced":                               # half of each gender of each source
+            cells = fs.table.assign(swapped=swapped).groupby(["source", "gender"])["swapped"]
+            extra = cells.sum() - cells.size() // 2               # 45 and 55 per cell: an odd one may round up
+            assert ((extra >= 0) & (extra <= cells.size() % 2)).all()
 
 
 def test_a_saved_model_applies_the_direction_it_was_trained_with():
@@ -289,14 +315,16 @@ def test_the_attackers_training_split_is_released_with_the_trained_direction(tin
     import types
     from pathlib import Path
     import numpy as np
+    import pandas as pd
     from flowsan_lib.evaluate.attacks import protected_split
     from flowsan_lib.levers import prototype_labels
     from flowsan_lib.methods import to_uint8
     from flowsan_lib.modelio import FlowModel
     from flowsan_lib.models.san import SAN
     f = tiny_faces_factory(32)
-    class Split(list):                                   # a FaceSet split: len, tensor(), gender, landmarks
+    class Split(list):                                   # a FaceSet split: len, tensor(), gender, landmarks, table
         gender, landmarks, tensor = f.gender, None, staticmethod(f.images)
+        table = pd.DataFrame({"source": ["lfw"] * len(f.gender)})
     faces = types.SimpleNamespace(split=lambda name: Split(f.gender))
     torch.manual_seed(0)
     protos = {"gray": torch.stack([torch.full((1, 32, 32), 0.1), torch.full((1, 32, 32), 0.9)])}
@@ -307,7 +335,8 @@ def test_the_attackers_training_split_is_released_with_the_trained_direction(tin
     doc = {"params": {"seed": seed, "san": {"direction": "random"}}}
     model = FlowModel("flowsan", 32, [SAN(32, 1, 0.25).eval()], protos, 1, False, None, doc, Path("m"))
     released = to_uint8(model.outputs(f.images(), y)[-1])
-    paper = to_uint8(FlowModel("flowsan", 32, model.stages, protos, 1, False, None, {}, Path("m")).outputs(f.images(), y)[-1])
+    paper = FlowModel("flowsan", 32, model.stages, protos, 1, False, None, {}, Path("m"))
+    paper = to_uint8(paper.outputs(f.images(), y)[-1])
     assert not np.array_equal(released, paper)            # the coin changes what is released
     np.testing.assert_array_equal(protected_split(model, faces, "train")[-1], released)
 

@@ -39,7 +39,7 @@ def protected_split(model, faces, split: str, device="cpu") -> list[np.ndarray]:
         return []
     x = sub.tensor()
     model.check_images(x)
-    y = model.prototype_labels(torch.as_tensor(sub.gender == 1).float())
+    y = model.prototype_labels(torch.as_tensor(sub.gender == 1).float(), groups=sub.table["source"].to_numpy())
     with torch.no_grad():                          # FlowModel.outputs, on the evaluation's device
         outs = flow_sequence(model.stages, x, model.bank(sub.landmarks), y, device=device)
     return [to_uint8(o) for o in outs]

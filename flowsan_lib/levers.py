@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -121,7 +122,6 @@ def _position_hash(n: int, seed: int) -> torch.Tensor:
 def _balanced_coin(y: torch.Tensor, h: torch.Tensor, groups) -> torch.Tensor:
     """1 for exactly half of the faces of each gender within each group (the ones with the smaller hash;
     an odd cell swaps one more or one fewer, by its smallest hash's last bit)."""
-    import numpy as np
     cells = np.unique(np.asarray(groups), return_inverse=True)[1].reshape(-1) * 2 + y.long().cpu().numpy()
     coin = torch.zeros(len(y), dtype=torch.int64)
     for c in np.unique(cells):

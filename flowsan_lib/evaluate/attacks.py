@@ -30,8 +30,8 @@ from . import metrics as M
 
 def protected_split(model, faces, split: str, device="cpu") -> list[np.ndarray]:
     """Psi(I, t) for t = 1..n of one split's images, each uint8 [N, R, R], as the model releases them: the
-    prototypes are picked by the labels it was trained with (FlowModel.prototype_labels), so with
-    `direction: random` the attacker trains on the same coin-driven edit it is tested on."""
+    prototypes are picked as it was trained (FlowModel.prototype_labels: with `direction: random` or
+    `balanced` by the coin, balanced per source), so the attacker trains on the edit it is tested on."""
     import torch
     from ..methods import flow_sequence, to_uint8
     sub = faces.split(split)

@@ -130,18 +130,19 @@ class FlowModel:
         p = torch.cat([self.aux(x[i:i + 256]) for i in range(0, len(x), 256)])
         return (p > 0.5).float()
 
-    def outputs(self, x: torch.Tensor, y: torch.Tensor, landmarks=None, t: int | None = None) -> list[torch.Tensor]:
-        """FlowSAN: Psi(I, 1..t); ensemble: the first t members' outputs on I."""
+    def outputs(self, x: torch.Tensor, y: torch.Tensor, landmarks=None, t: int | None = None, device=None,
+                groups=None) -> list[torch.Tensor]:
+        """FlowSAN: Psi(I, 1..t); ensemble: the first t members' outputs on I (groups: see prototype_labels)."""
         self.check_images(x)
         if t is not None and not 1 <= t <= len(self.stages):
             raise ModelError(f"model has {len(self.stages)} stages; cannot apply {t}")
         y = torch.as_tensor(y).float()
         if y.shape != (len(x),) or not torch.isin(y, torch.tensor([0.0, 1.0])).all():
             raise ModelError(f"need one gender label (1 = male, 0 = female) per image, got shape {list(y.shape)}")
-        bank, y = self.bank(landmarks), self.prototype_labels(y)
+        bank, y = self.bank(landmarks), self.prototype_labels(y, groups)
         if self.kind == "flowsan":
-            return flow_sequence(self.stages, x, bank, y, t, precision="fp32")
-        return member_outputs(self.stages, x, bank, y, t, precision="fp32")
+            return flow_sequence(self.stages, x, bank, y, t, device=device, precision="fp32")
+        return member_outputs(self.stages, x, bank, y, t, device=device, precision="fp32")
 
     def anonymize(self, x: torch.Tensor, y: torch.Tensor, landmarks=None, t: int | None = None,
                   seed: int = 0) -> torch.Tensor:

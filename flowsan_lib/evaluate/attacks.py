@@ -33,15 +33,13 @@ def protected_split(model, faces, split: str, device="cpu") -> list[np.ndarray]:
     prototypes are picked as it was trained (FlowModel.prototype_labels: with `direction: random` or
     `balanced` by the coin, balanced per source), so the attacker trains on the edit it is tested on."""
     import torch
-    from ..methods import flow_sequence, to_uint8
+    from ..methods import to_uint8
     sub = faces.split(split)
     if not len(sub):
         return []
-    x = sub.tensor()
-    model.check_images(x)
-    y = model.prototype_labels(torch.as_tensor(sub.gender == 1).float(), groups=sub.table["source"].to_numpy())
-    with torch.no_grad():                          # FlowModel.outputs, on the evaluation's device
-        outs = flow_sequence(model.stages, x, model.bank(sub.landmarks), y, device=device)
+    y = torch.as_tensor(sub.gender == 1).float()
+    with torch.no_grad():
+        outs = model.outputs(sub.tensor(), y, sub.landmarks, device=device, groups=sub.table["source"].to_numpy())
     return [to_uint8(o) for o in outs]
 
 

@@ -23,9 +23,9 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from flowsan_lib.data import adapters, align  # noqa: E402
-from flowsan_lib.data.cache import ChipCache, default_cache_dir  # noqa: E402
-from flowsan_lib.data.stage import drop_duplicates, drop_unlabeled, fill_cache  # noqa: E402
+from flowsan_lib.data import adapters, align
+from flowsan_lib.data.cache import ChipCache, default_cache_dir
+from flowsan_lib.data.stage import drop_duplicates, drop_unlabeled, fill_cache
 
 
 def default_data_root() -> Path:

@@ -40,10 +40,10 @@ except ImportError:  # the fallback is described in the module docstring
 def make_model(folder: Path, resolution: int, n_stages: int) -> Path:
     import torch
 
-    from flowsan_lib import modelio
+    from flowsan_lib.method import modelio
+    from flowsan_lib.method.prototypes import save_prototypes
     from flowsan_lib.models.aux_cnn import AuxGenderCNN, freeze
     from flowsan_lib.models.san import SAN
-    from flowsan_lib.prototypes import save_prototypes
     faces = common.real_faces(resolution, 32)
     protos = folder.parent / "prototypes.safetensors"
     save_prototypes(faces.protos, protos)

@@ -27,10 +27,10 @@ from sklearn.metrics import roc_auc_score, roc_curve
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from flowsan_lib.data import adapters, align  # noqa: E402
-from flowsan_lib.data.cache import ChipCache, default_cache_dir  # noqa: E402
-from flowsan_lib.data.stage import fill_cache  # noqa: E402
-from flowsan_lib.models import GENDER_CLASSIFIERS, MATCHERS, load_gender_classifier, load_matcher  # noqa: E402
+from flowsan_lib.data import adapters, align
+from flowsan_lib.data.cache import ChipCache, default_cache_dir
+from flowsan_lib.data.stage import fill_cache
+from flowsan_lib.models import GENDER_CLASSIFIERS, MATCHERS, load_gender_classifier, load_matcher
 
 FMRS = (1e-3, 1e-2)
 

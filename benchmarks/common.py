@@ -40,7 +40,6 @@ GPU_PEAK_TFLOPS = {
 
 # --- devices ---------------------------------------------------------------------------------
 
-from flowsan_lib.device import pick_device  # noqa: E402,F401  (the library's one rule)
 
 
 def sync(device: torch.device) -> None:
@@ -180,7 +179,7 @@ def real_faces(resolution: int, n: int = 64) -> Faces:
     from flowsan_lib.data.align import chip_to_resolution, landmarks_to_resolution
     from flowsan_lib.data.cache import ChipCache, default_cache_dir
     from flowsan_lib.data.stage import fill_cache
-    from flowsan_lib.prototypes import mean_faces
+    from flowsan_lib.method.prototypes import mean_faces
     table = adapters.load_source("sample")
     table = table[table["gender"] >= 0].sort_values("path").reset_index(drop=True)
     # alternate men and women so that any prefix holds both genders

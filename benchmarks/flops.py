@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import argparse
 
+import common  # noqa: F401  (puts the project root on sys.path)
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-import common  # noqa: F401  (puts the project root on sys.path)
-from flowsan_lib.losses import SanLoss
+from flowsan_lib.method.losses import SanLoss
 from flowsan_lib.models.aux_cnn import AuxGenderCNN, freeze
 from flowsan_lib.models.san import SAN
 

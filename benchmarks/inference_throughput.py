@@ -24,12 +24,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import common
 import torch
 
-import common
-from flowsan_lib import methods, modelio
+from flowsan_lib.method import apply as methods
+from flowsan_lib.method import modelio
+from flowsan_lib.method.prototypes import make_bank, save_prototypes
 from flowsan_lib.models.san import SAN
-from flowsan_lib.prototypes import make_bank, save_prototypes
 
 TOLERANCE_LEVELS = {"bf16": 8, "cl": 1, "layered": 1}  # max |difference| in grey levels (0..255) vs fp32
 

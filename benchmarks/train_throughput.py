@@ -39,17 +39,16 @@ import argparse
 import dataclasses
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+import common
 import torch
 from torch.nn import functional as F
 
-import common
-from flowsan_lib.config import SanParams
-from flowsan_lib.losses import SanLoss, gender_logit, gender_loss, match_loss, pixel_loss
+from flowsan_lib.core.config import SanParams
+from flowsan_lib.method.losses import SanLoss, gender_logit, gender_loss, match_loss, pixel_loss
 from flowsan_lib.models.aux_cnn import AuxGenderCNN, freeze
 from flowsan_lib.models.san import SAN
 
@@ -178,8 +177,8 @@ def time_fastai(v: dict, faces: common.Faces, san, aux, matcher, device, steps: 
     """Step end times of `flow.train_san` (the path 04_flowsan uses), cancelled after the last step."""
     from fastai.callback.core import Callback, CancelFitException
 
-    from flowsan_lib.flow import StageData, descriptors, train_san
-    from flowsan_lib.prototypes import make_bank
+    from flowsan_lib.method.prototypes import make_bank
+    from flowsan_lib.method.san_training import StageData, descriptors, train_san
 
     class StepTimer(Callback):
         order = 100  # after every other after_batch callback (history, NaN guard, progress)
@@ -216,7 +215,7 @@ def measure(job: dict) -> dict:
     threads = common.set_threads(job["threads"])
     device = common.pick_device(job["device"])
     v = parse_variant(job["variant"])
-    from flowsan_lib.device import resolve_precision
+    from flowsan_lib.core.device import resolve_precision
     v["precision"] = resolve_precision(v["precision"], device)   # default: auto -> bf16 on a GPU, fp32 on the CPU
     r = job["resolution"]
     faces = common.real_faces(r, 64)
@@ -258,7 +257,7 @@ def check_options(resolution: int, device, batch: int = 8, options=OPTIONS) -> l
     Reference: fp32, SAN layer by layer, two matcher and two G calls, contiguous weights. "ours":
     the library's SAN forward, SanLoss and `frozen_for_loss`; the options and bf16 are on top of it.
     """
-    from flowsan_lib.flow import frozen_for_loss
+    from flowsan_lib.method.san_training import frozen_for_loss
     faces = common.real_faces(resolution, batch)
     x, y = faces.x.to(device), faces.y.to(device)
     protos = faces.protos["rgb"].to(device)
@@ -351,6 +350,7 @@ def main(argv=None) -> int:
             common.write_json("train_options_check", {"machine": info, "checks": checks}, args.out)
             return 0 if all(c["ok"] for c in checks) else 1
     import flops as flops_mod
+
     from flowsan_lib.models import load_matcher
     matcher = load_matcher("faceapi")
     flops = {r: flops_mod.model_flops(r, matcher) for r in args.resolutions}

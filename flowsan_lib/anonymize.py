@@ -39,8 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .data.adapters import IMAGE_EXTS
-from .integrity import IntegrityError, atomic_path, atomic_write_text, confined, sha256_file
+from flowsan_lib.core.integrity import IntegrityError, atomic_path, atomic_write_text, confined, sha256_file
+from flowsan_lib.data.adapters import IMAGE_EXTS
 
 GENDER_WORDS = {"1": 1, "0": 0, "male": 1, "female": 0, "m": 1, "f": 0}
 REPORT, SETTINGS = "anonymize.csv", "anonymize.json"
@@ -140,8 +140,8 @@ def _worker_init() -> None:
 
 def align_batch(items: list[tuple[str, str]], resolution: int, upsample: int) -> list[dict]:
     """Read and align (rel, path) items into gray R-px crops + landmarks; a bad file is a result, never raised."""
-    from .data.align import MAX_SIDE, align_image, chip_to_resolution, landmarks_to_resolution
-    from .models.fetch import FetchError
+    from flowsan_lib.data.align import MAX_SIDE, align_image, chip_to_resolution, landmarks_to_resolution
+    from flowsan_lib.models.fetch import FetchError
     out = []
     for rel, path in items:
         r = {"file": rel, "gray": None, "lm": None, "reason": "", "detail": "", "n_faces": 0, "scale": "",
@@ -290,7 +290,7 @@ class _Progress:
 def _perturb(m, x, y, lms, t: int, device):
     """Psi(I, t) for FlowSAN, Ens-Avg of t members for an ensemble (FlowModel.anonymize's methods), with
     the device the model was loaded on passed through."""
-    from .methods import ens_avg, flow_sequence, member_outputs
+    from flowsan_lib.method.apply import ens_avg, flow_sequence, member_outputs
     m.check_images(x)
     bank, y = m.bank(lms), m.prototype_labels(y)
     if m.kind == "flowsan":
@@ -346,11 +346,11 @@ def _run(pool, model, input_dir, output_dir, files, labels, stages, label_free, 
          batch_size, device, progress, t0) -> dict:
     import torch
 
-    from .methods import to_images, to_uint8
-    from .modelio import ModelError, load_model
-    from .data.align import PREDICTOR_FILE
-    from .models.fetch import weight_path
-    from .train import pick_device
+    from flowsan_lib.data.align import PREDICTOR_FILE
+    from flowsan_lib.method.apply import to_images, to_uint8
+    from flowsan_lib.method.fit import pick_device
+    from flowsan_lib.method.modelio import ModelError, load_model
+    from flowsan_lib.models.fetch import weight_path
     weight_path(PREDICTOR_FILE)   # hash-checked before any work: a damaged predictor is one message, not N rows
     dev = pick_device(device) if isinstance(device, str) else torch.device(device)
     m = load_model(Path(model), device=dev)

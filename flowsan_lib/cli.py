@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from . import config
+from flowsan_lib.core import config
 
 
 def _overrides(pairs: list[str]) -> dict:
@@ -28,7 +28,7 @@ def _overrides(pairs: list[str]) -> dict:
 
 
 def cmd_run(a) -> int:
-    from . import pipeline
+    from flowsan_lib.run import pipeline
     res = pipeline.run(a.preset, run_name=a.run_name, only=a.only, from_stage=a.from_stage, until=a.until,
                        overrides=_overrides(a.set), force=a.force, gpus=a.gpus,
                        reuse_from=tuple(Path(p) for p in a.reuse_from or ()))
@@ -39,8 +39,8 @@ def cmd_run(a) -> int:
 
 
 def cmd_sweep(a) -> int:
-    from . import sweep
-    from .layout import output_root
+    from flowsan_lib.core.layout import output_root
+    from flowsan_lib.run import sweep
     summary = sweep.run_sweep(a.preset, Path(a.grid), jobs=a.jobs, name=a.name, base_overrides=_overrides(a.set),
                               ray=a.ray)
     sweep_dir = output_root() / (a.name or Path(a.grid).stem)
@@ -54,17 +54,17 @@ def cmd_sweep(a) -> int:
 def cmd_compare(a) -> int:
     import time
 
-    from .compare import execute_compare
-    from .layout import output_root
+    from flowsan_lib.core.layout import output_root
+    from flowsan_lib.run.compare import execute_compare
     out = Path(a.out) if a.out else output_root() / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
     print(execute_compare(a.runs, out))
     return 0
 
 
 def cmd_report(a) -> int:
-    from . import report
-    from .stage_setup import run_folder
-    print(report.build_report(run_folder(a.run)))
+    from flowsan_lib.report.html import build_report
+    from flowsan_lib.run.stage_setup import run_folder
+    print(build_report(run_folder(a.run)))
     return 0
 
 
@@ -75,13 +75,13 @@ def cmd_params(a) -> int:
 
 
 def cmd_fetch(a) -> int:
-    from .models.fetch import fetch_all
+    from flowsan_lib.models.fetch import fetch_all
     print(fetch_all(Path(a.cache) if a.cache else None, offline=a.offline))
     return 0
 
 
 def cmd_anonymize(a) -> int:
-    from .anonymize import anonymize_folder
+    from flowsan_lib.anonymize import anonymize_folder
     try:
         summary = anonymize_folder(a.model, a.input_dir, a.output_dir, stages=a.stages, labels_csv=a.labels,
                                    label_free=a.label_free, workers=a.workers, batch_size=a.batch_size,
@@ -102,14 +102,14 @@ def cmd_anonymize(a) -> int:
 
 
 def cmd_explore(a) -> int:
-    from .explore_app import serve
-    from .stage_setup import run_folder
+    from flowsan_lib.report.explore_app import serve
+    from flowsan_lib.run.stage_setup import run_folder
     return serve(run_folder(a.run), port=a.port, ip=a.ip)
 
 
 def cmd_runs(a) -> int:
-    from .layout import output_root
-    from .runs import runs_table
+    from flowsan_lib.core.layout import output_root
+    from flowsan_lib.report.runs import runs_table
     print(runs_table(Path(a.outputs) if a.outputs else output_root()))
     return 0
 
@@ -215,8 +215,8 @@ def _console_log() -> None:
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     _console_log()
-    from .models.fetch import FetchError
-    from .pipeline import RunError, RunInterrupted
+    from flowsan_lib.models.fetch import FetchError
+    from flowsan_lib.run.pipeline import RunError, RunInterrupted
     try:
         return args.func(args)
     except (KeyboardInterrupt, RunInterrupted):

@@ -25,7 +25,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from flowsan_lib.data.adapters import RACES, SAMPLE_ROOT, load_lfw, load_utkface  # noqa: E402
+from flowsan_lib.data.adapters import RACES, SAMPLE_ROOT, load_lfw, load_utkface
 
 N_IDS_PER_GENDER = 15       # LFW identities per gender
 IMAGES_PER_ID = (3, 5)      # inclusive range of images per LFW identity

@@ -148,5 +148,5 @@ def faceapi_matcher():
 def smoke_run(tmp_path_factory):
     """The real pipeline on the `smoke` preset, run once per test session into a temporary outputs folder;
     shared by test_smoke_run and the report and explorer tests. Returns pipeline.RunResult."""
-    from flowsan_lib import pipeline
+    from flowsan_lib.run import pipeline
     return pipeline.run("smoke", output_dir=tmp_path_factory.mktemp("outputs"))

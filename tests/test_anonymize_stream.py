@@ -15,12 +15,12 @@ from PIL import Image
 
 from flowsan_lib import anonymize as anon
 from flowsan_lib.anonymize import AnonymizeError, anonymize_folder
+from flowsan_lib.core.integrity import hash_tree, sha256_file
 from flowsan_lib.data.align import MAX_SIDE, align_image, downscale, read_rgb
-from flowsan_lib.integrity import hash_tree, sha256_file
-from flowsan_lib.modelio import ModelError, load_model, save_model, save_san
+from flowsan_lib.method.modelio import ModelError, load_model, save_model, save_san
+from flowsan_lib.method.prototypes import mean_faces, save_prototypes
 from flowsan_lib.models.aux_cnn import AuxGenderCNN, freeze
 from flowsan_lib.models.san import SAN
-from flowsan_lib.prototypes import mean_faces, save_prototypes
 
 SAMPLE = Path(anon.__file__).parent / "sample_data" / "lfw" / "lfw-deepfunneled"
 FACES = ["Clint_Eastwood/Clint_Eastwood_0001.jpg", "Jennifer_Capriati/Jennifer_Capriati_0022.jpg",

@@ -6,10 +6,11 @@ import pandas as pd
 import pytest
 import torch
 
-from flowsan_lib.config import AuxParams
+from flowsan_lib.core.config import AuxParams
+from flowsan_lib.data.resample import minority_race, resampled_sets
+from flowsan_lib.method.aux_training import predict_p_male, train_aux
 from flowsan_lib.models.aux_cnn import AuxGenderCNN, load_aux, save_aux
-from flowsan_lib.resample import minority_race, resampled_sets
-from flowsan_lib.train import disagreement, predict_p_male, train_aux
+from flowsan_lib.stages.aux import disagreement
 
 
 @pytest.fixture(autouse=True)

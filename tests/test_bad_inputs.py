@@ -27,15 +27,16 @@ from typing import Callable
 import pytest
 import torch
 
-from flowsan_lib import anonymize, cli, pipeline
+from flowsan_lib import anonymize, cli
+from flowsan_lib.core.integrity import sha256_file
+from flowsan_lib.core.layout import STAGES
 from flowsan_lib.data import align
-from flowsan_lib.integrity import sha256_file
-from flowsan_lib.layout import STAGES
-from flowsan_lib.modelio import save_model, save_san
+from flowsan_lib.method.modelio import save_model, save_san
+from flowsan_lib.method.prototypes import mean_faces, save_prototypes
 from flowsan_lib.models import fetch
 from flowsan_lib.models.aux_cnn import AuxGenderCNN, freeze
 from flowsan_lib.models.san import SAN
-from flowsan_lib.prototypes import mean_faces, save_prototypes
+from flowsan_lib.run import pipeline
 
 PROJECT = Path(__file__).resolve().parent.parent
 SAMPLE_LFW = PROJECT / "flowsan_lib" / "sample_data" / "lfw" / "lfw-deepfunneled"

@@ -3,8 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from flowsan_lib import config
-
+from flowsan_lib.core import config
 
 PRESETS = sorted(p.stem for p in (Path(config.__file__).resolve().parent.parent / "params").glob("*.yaml"))
 

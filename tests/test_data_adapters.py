@@ -8,8 +8,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from flowsan_lib.data import (load_celeba, load_lfw, load_lfw_pairs, load_manifest, load_source, load_utkface,
-                              parse_utkface_name)
+from flowsan_lib.data import (
+    load_celeba,
+    load_lfw,
+    load_lfw_pairs,
+    load_manifest,
+    load_source,
+    load_utkface,
+    parse_utkface_name,
+)
 from flowsan_lib.data.adapters import SAMPLE_ROOT, DataError, content_hashes
 from flowsan_lib.data.stage import drop_duplicates, drop_unlabeled
 

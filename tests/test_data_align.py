@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from flowsan_lib import config
+from flowsan_lib.core import config
 from flowsan_lib.data import align_image, load_lfw, run_data_stage
 from flowsan_lib.data.adapters import SAMPLE_ROOT
 from flowsan_lib.data.align import CHIP_PADDING, CHIP_SIZE, read_rgb

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from flowsan_lib import config
+from flowsan_lib.core import config
 from flowsan_lib.data import FaceSet, align_image, is_subject_disjoint, load_faces, run_data_stage
 from flowsan_lib.data.cache import ChipCache, default_cache_dir, params_key
 

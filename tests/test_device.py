@@ -14,13 +14,16 @@ import pytest
 import torch
 from fastai.callback.core import Callback
 
-from flowsan_lib import config, flow, methods, pipeline
-from flowsan_lib.config import SanParams
-from flowsan_lib.device import DeviceError, cuda_count, module_device, pick_device
-from flowsan_lib.flow import StageData, descriptors, frozen_for_loss, san_loss
+from flowsan_lib.core import config
+from flowsan_lib.core.config import SanParams
+from flowsan_lib.core.device import DeviceError, cuda_count, module_device, pick_device
+from flowsan_lib.method import apply as methods
+from flowsan_lib.method import san_training as flow
+from flowsan_lib.method.prototypes import make_bank, mean_faces
+from flowsan_lib.method.san_training import StageData, descriptors, frozen_for_loss, san_loss
 from flowsan_lib.models.aux_cnn import AuxGenderCNN, freeze
 from flowsan_lib.models.san import SAN
-from flowsan_lib.prototypes import make_bank, mean_faces
+from flowsan_lib.run import pipeline
 
 META = torch.device("meta")
 needs_no_gpu = pytest.mark.skipif(cuda_count() > 0, reason="this machine has a GPU")
@@ -178,9 +181,9 @@ class Watch:
                 watch.watched.add(id(m))
                 return m
             return wrapper
-        import flowsan_lib.flowsan_stage as fs
         import flowsan_lib.models.interfaces as mi
-        import flowsan_lib.train as tr
+        import flowsan_lib.stages.aux as tr
+        import flowsan_lib.stages.flowsan as fs
         monkeypatch.setattr(mi, "load_matcher", watched(mi.load_matcher))
         monkeypatch.setattr(fs, "load_aux", watched(fs.load_aux))
         monkeypatch.setattr(tr, "predict_p_male", self._wrap_predict(tr.predict_p_male))
@@ -210,11 +213,11 @@ class Watch:
 
 def test_stage_functions_keep_every_network_and_tensor_on_the_stage_device(device, tiny_faces, tmp_path,
                                                                                faceapi_matcher, monkeypatch):
-    from flowsan_lib.flowsan_stage import run_flowsan_stage
-    from flowsan_lib.layout import RunLayout, stage_named
-    from flowsan_lib.methods import load_sequences
-    from flowsan_lib.prototypes import run_prototypes_stage
-    from flowsan_lib.train import run_aux_stage
+    from flowsan_lib.core.layout import RunLayout, stage_named
+    from flowsan_lib.method.apply import load_sequences
+    from flowsan_lib.stages.aux import run_aux_stage
+    from flowsan_lib.stages.flowsan import run_flowsan_stage
+    from flowsan_lib.stages.prototypes import run_prototypes_stage
     torch.set_num_threads(1)
     root = _run_folder(tmp_path / "run", tiny_faces)
     P = config.from_dict({"seed": 5, "device": device, "data": {"resolution": 32},
@@ -243,11 +246,11 @@ def test_stage_functions_keep_every_network_and_tensor_on_the_stage_device(devic
 @needs_gpu
 def test_stage_metrics_on_cuda_match_cpu(tiny_faces, tmp_path, faceapi_matcher):
     """Stages 02-04 in fp32 on the GPU and on the CPU: the same AUCs, TMRs and nearly the same images."""
-    from flowsan_lib.flowsan_stage import run_flowsan_stage
-    from flowsan_lib.layout import RunLayout, stage_named
-    from flowsan_lib.methods import load_sequences
-    from flowsan_lib.prototypes import run_prototypes_stage
-    from flowsan_lib.train import run_aux_stage
+    from flowsan_lib.core.layout import RunLayout, stage_named
+    from flowsan_lib.method.apply import load_sequences
+    from flowsan_lib.stages.aux import run_aux_stage
+    from flowsan_lib.stages.flowsan import run_flowsan_stage
+    from flowsan_lib.stages.prototypes import run_prototypes_stage
     out = {}
     for dev in ("cpu", "cuda"):
         root = _run_folder(tmp_path / dev, tiny_faces)

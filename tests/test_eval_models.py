@@ -22,6 +22,7 @@ def one_thread():
 def utk_faces():
     """The embedded UTKFace sample (120 real aligned faces, 60 men), gray 64 px, split 80 / 40."""
     from PIL import Image
+
     from flowsan_lib.data.adapters import SAMPLE_ROOT, load_utkface
     t = load_utkface(SAMPLE_ROOT / "utkface")
     t = t[t.gender >= 0].reset_index(drop=True)

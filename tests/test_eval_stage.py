@@ -14,10 +14,10 @@ import pandas as pd
 import pytest
 import torch
 
-from flowsan_lib import config
+from flowsan_lib.core import config
+from flowsan_lib.core.layout import RunLayout, stage_named
 from flowsan_lib.evaluate import metrics as M
-from flowsan_lib.evaluate import stage
-from flowsan_lib.layout import RunLayout, stage_named
+from flowsan_lib.stages import evaluate as stage
 
 R = 64
 N_STAGES = 2
@@ -25,6 +25,7 @@ N_STAGES = 2
 
 def _utk_faces(n: int):
     from PIL import Image
+
     from flowsan_lib.data.adapters import SAMPLE_ROOT, load_utkface
     t = load_utkface(SAMPLE_ROOT / "utkface")
     t = t[t.gender >= 0].sort_values("path").reset_index(drop=True)
@@ -35,7 +36,7 @@ def _utk_faces(n: int):
 
 def make_run(root, tiny, lfw_paths) -> None:
     """01_data (faces.npz/csv) and 04_flowsan/outputs_test.npz of a miniature run."""
-    from flowsan_lib.methods import write_test_outputs
+    from flowsan_lib.method.apply import write_test_outputs
     utk_gray, utk = _utk_faces(40)
     n_lfw = len(tiny.gray)
     gray = np.concatenate([tiny.gray, utk_gray])
@@ -181,7 +182,7 @@ def test_figures_tables_and_explorer_files(evaluated):
             text = f.read_text()
             assert text.lstrip().startswith("<svg") and "http://" not in text.replace("http://www.w3.org", "")
     assert (out / "tables" / "table3.csv").exists()
-    from flowsan_lib.widgets import Explorer
+    from flowsan_lib.report.widgets import Explorer
     ex = Explorer.from_files(out / "scores.npz", root / "04_flowsan" / "outputs_test.npz")
     i = int(np.flatnonzero(ex.test_set == "lfw_test")[0])
     a, b = ex.numbers("flowsan", 0, i), ex.numbers("flowsan", N_STAGES, i)

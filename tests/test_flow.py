@@ -8,14 +8,16 @@ import pytest
 import torch
 from fastai.callback.core import Callback
 
-from flowsan_lib import flow, methods, modelio
-from flowsan_lib.config import SanParams
-from flowsan_lib.flow import StageData, train_flowsan
-from flowsan_lib.methods import apply_san
-from flowsan_lib.modelio import ModelError, load_model, save_model
+from flowsan_lib.core.config import SanParams
+from flowsan_lib.method import apply as methods
+from flowsan_lib.method import modelio
+from flowsan_lib.method import san_training as flow
+from flowsan_lib.method.apply import apply_san
+from flowsan_lib.method.modelio import ModelError, load_model, save_model
+from flowsan_lib.method.prototypes import make_bank, mean_faces, save_prototypes
+from flowsan_lib.method.san_training import StageData, train_flowsan
 from flowsan_lib.models.aux_cnn import AuxGenderCNN, freeze
 from flowsan_lib.models.san import SAN
-from flowsan_lib.prototypes import make_bank, mean_faces, save_prototypes
 
 SP = dict(n_stages=2, epochs=2, batch_size=4, lr=2e-3, width=0.25, precision="fp32", match_warmup_epochs=0)
 
@@ -184,7 +186,7 @@ def test_pixel_loss_schemes_pick_their_target(setup):
     assert torch.equal(pert.batch_fn("original")(rows)[3], data.original[:3])
     assert torch.equal(pert.batch_fn("input")(rows)[3], pert.inputs[:3])
     out = torch.rand(3, 1, 32, 32)
-    from flowsan_lib.losses import SanLoss
+    from flowsan_lib.method.losses import SanLoss
     loss = SanLoss(setup["aux"][0], None, w_gender=0, pixel_target="none")
     assert loss((out, out), data.original[:3], data.desc[:3], data.y[:3]).item() == 0.0
 

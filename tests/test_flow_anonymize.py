@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from flowsan_lib.anonymize import AnonymizeError, anonymize_folder
-from flowsan_lib.modelio import ModelError, save_model
+from flowsan_lib.method.modelio import ModelError, save_model
+from flowsan_lib.method.prototypes import mean_faces, save_prototypes
 from flowsan_lib.models.aux_cnn import AuxGenderCNN, freeze
 from flowsan_lib.models.san import SAN
-from flowsan_lib.prototypes import mean_faces, save_prototypes
 
 
 @pytest.fixture(scope="module")

@@ -8,13 +8,13 @@ import pandas as pd
 import pytest
 import torch
 
-from flowsan_lib import config
-from flowsan_lib.flowsan_stage import run_flowsan_stage
-from flowsan_lib.layout import RunLayout, stage_named
-from flowsan_lib.methods import load_sequences, to_uint8
-from flowsan_lib.modelio import load_model
-from flowsan_lib.prototypes import run_prototypes_stage
-from flowsan_lib.train import run_aux_stage
+from flowsan_lib.core import config
+from flowsan_lib.core.layout import RunLayout, stage_named
+from flowsan_lib.method.apply import load_sequences, to_uint8
+from flowsan_lib.method.modelio import load_model
+from flowsan_lib.stages.aux import run_aux_stage
+from flowsan_lib.stages.flowsan import run_flowsan_stage
+from flowsan_lib.stages.prototypes import run_prototypes_stage
 
 SPLIT = ["train", "val", "train", "test", "train", "val", "train", "test"]  # 2 men, 2 women in train
 

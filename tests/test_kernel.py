@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from jupyter_client.manager import AsyncKernelManager, KernelManager
 
-from flowsan_lib.kernel import QuietKernelManager
+from flowsan_lib.run.kernel import QuietKernelManager
 
 
 async def _start_run_stop(manager_class):

@@ -6,14 +6,15 @@ import pytest
 import torch
 from fastai.callback.core import Callback
 
-from flowsan_lib import config
-from flowsan_lib.config import SanParams
-from flowsan_lib.flow import StageData, san_loss, san_params_dict, train_flowsan
-from flowsan_lib.levers import GenderEnsemble, MatcherStack, input_diversity, loss_classifiers
-from flowsan_lib.losses import match_loss
+from flowsan_lib.core import config
+from flowsan_lib.core.config import SanParams
+from flowsan_lib.method.augment import input_diversity
+from flowsan_lib.method.frozen import GenderEnsemble, MatcherStack, loss_classifiers
+from flowsan_lib.method.losses import match_loss
+from flowsan_lib.method.prototypes import make_bank, mean_faces
+from flowsan_lib.method.san_training import StageData, san_loss, san_params_dict, train_flowsan
 from flowsan_lib.models.aux_cnn import AuxGenderCNN, freeze
 from flowsan_lib.models.san import SAN
-from flowsan_lib.prototypes import make_bank, mean_faces
 
 
 @pytest.fixture(autouse=True)
@@ -87,7 +88,7 @@ def test_center_edit_removes_a_uniform_brightness_shift(faces):
 
 
 def test_stage_edits_measure_each_stage_against_its_own_input():
-    from flowsan_lib.flowsan_stage import stage_edits
+    from flowsan_lib.stages.flowsan import stage_edits
     orig = np.full((2, 4, 4), 100, np.uint8)
     t1 = orig.copy()
     t1[0] += 8                                                          # half the pixels moved by 8
@@ -228,7 +229,7 @@ def test_default_levers_leave_stage_params_as_before():
 
 
 def test_random_direction_picks_prototypes_by_a_seeded_coin_independent_of_gender():
-    from flowsan_lib.levers import prototype_labels
+    from flowsan_lib.method.directions import prototype_labels
     y = torch.tensor([0.0, 1.0] * 500)
     assert torch.equal(prototype_labels(y, "opposite", 3), y)
     a, b, c = prototype_labels(y, "random", 3), prototype_labels(y, "random", 3), prototype_labels(y, "random", 4)
@@ -244,7 +245,8 @@ def test_random_direction_picks_prototypes_by_a_seeded_coin_independent_of_gende
 def test_balanced_direction_swaps_exactly_half_of_each_gender_in_each_group():
     """The pushed-to gender (1 - label) is independent of the true one in the set itself, per group."""
     import numpy as np
-    from flowsan_lib.levers import prototype_labels
+
+    from flowsan_lib.method.directions import prototype_labels
     y = torch.tensor([0.0, 1.0] * 50 + [1.0] * 31)
     groups = np.array(["lfw"] * 60 + ["utkface"] * 71)
     a = prototype_labels(y, "balanced", 3, groups)
@@ -262,7 +264,7 @@ def test_balanced_direction_swaps_exactly_half_of_each_gender_in_each_group():
 
 
 def test_random_direction_needs_the_flip_target():
-    from flowsan_lib import config
+    from flowsan_lib.core import config
     assert config.load("smoke", {"san.direction": "random"}).san.direction == "random"
     with pytest.raises(config.ParamError, match="direction"):
         config.load("smoke", {"san.direction": "random", "san.gender_target": "uniform"})
@@ -271,11 +273,13 @@ def test_random_direction_needs_the_flip_target():
 def test_random_direction_reaches_training_and_test_labels_but_not_the_stored_truth(tmp_path):
     """04's splits: the StageData labels (prototypes, J_G targets) are the coin's; the true labels are kept."""
     import types
+
     import numpy as np
     import pandas as pd
-    from flowsan_lib import config
-    from flowsan_lib.flowsan_stage import _split_data
-    from flowsan_lib.prototypes import ProtoBank
+
+    from flowsan_lib.core import config
+    from flowsan_lib.method.prototypes import ProtoBank
+    from flowsan_lib.stages.flowsan import _split_data
     n = 200
     fs = types.SimpleNamespace(table=pd.DataFrame({"split": ["test"] * n, "gender": [0, 1] * (n // 2),
                                                    "source": ["lfw"] * 90 + ["utkface"] * (n - 90)}),
@@ -297,8 +301,8 @@ def test_random_direction_reaches_training_and_test_labels_but_not_the_stored_tr
 
 def test_a_saved_model_applies_the_direction_it_was_trained_with():
     """FlowModel (anonymize, the explorer) picks prototypes as 04 did: the trained direction and seed."""
-    from flowsan_lib.levers import prototype_labels
-    from flowsan_lib.modelio import FlowModel
+    from flowsan_lib.method.directions import prototype_labels
+    from flowsan_lib.method.modelio import FlowModel
     y = torch.tensor([0.0, 1.0] * 50)
     model = lambda doc: FlowModel("flowsan", 32, [], {}, 1, False, None, doc, None)
     assert torch.equal(model({"params": {"seed": 5, "san": {"direction": "random"}}}).prototype_labels(y),
@@ -313,12 +317,14 @@ def test_the_attackers_training_split_is_released_with_the_trained_direction(tin
     learnt the paper's direction and was tested on the coin's: below chance by the test set's luck."""
     import types
     from pathlib import Path
+
     import numpy as np
     import pandas as pd
+
     from flowsan_lib.evaluate.attacks import protected_split
-    from flowsan_lib.levers import prototype_labels
-    from flowsan_lib.methods import to_uint8
-    from flowsan_lib.modelio import FlowModel
+    from flowsan_lib.method.apply import to_uint8
+    from flowsan_lib.method.directions import prototype_labels
+    from flowsan_lib.method.modelio import FlowModel
     from flowsan_lib.models.san import SAN
     f = tiny_faces_factory(32)
     class Split(list):                                   # a FaceSet split: len, tensor(), gender, landmarks, table
@@ -344,8 +350,9 @@ def test_every_run_of_the_ablation_script_is_a_valid_configuration():
     """benchmarks/lever_ablation.sh: each lever line, with the script's unseen suite, loads on medium."""
     import shlex
     from pathlib import Path
-    from flowsan_lib import config
+
     from flowsan_lib.cli import _overrides
+    from flowsan_lib.core import config
     text = (Path(__file__).parents[1] / "benchmarks" / "lever_ablation.sh").read_text()
     suite = shlex.split(text.split("SUITE=(")[1].split(")")[0])
     lines = [shlex.split(line)[0].split() for line in text.split("LEVERS=(")[1].split("\n)")[0].strip().splitlines()]

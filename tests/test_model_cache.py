@@ -11,8 +11,8 @@ import warnings
 import pytest
 import torch
 
+from flowsan_lib.core.integrity import sha256_file
 from flowsan_lib.data import align
-from flowsan_lib.integrity import sha256_file
 from flowsan_lib.models import fetch
 from flowsan_lib.models.pretrained import cache, ssrnet
 

@@ -4,7 +4,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from flowsan_lib import pipeline
+from flowsan_lib.run import pipeline
 
 NOTEBOOKS = sorted(pipeline.NOTEBOOK_DIR.glob("*.ipynb"))
 

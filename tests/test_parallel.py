@@ -12,12 +12,12 @@ import pandas as pd
 import pytest
 import torch
 
-from flowsan_lib.config import SanParams
-from flowsan_lib.device import DeviceError, check_run_device, cuda_count
-from flowsan_lib.flow import StageData, train_san
+from flowsan_lib.core.config import SanParams
+from flowsan_lib.core.device import DeviceError, check_run_device, cuda_count
+from flowsan_lib.method.prototypes import make_bank, mean_faces
+from flowsan_lib.method.san_training import StageData, train_san
 from flowsan_lib.models.aux_cnn import AuxGenderCNN, freeze
 from flowsan_lib.models.san import SAN
-from flowsan_lib.prototypes import make_bank, mean_faces
 
 # 8 real faces, global batch 4: two steps per epoch, each process takes 2 faces of every batch
 SP = SanParams(epochs=2, batch_size=4, lr=2e-3, width=0.25, precision="fp32", match_warmup_epochs=0)

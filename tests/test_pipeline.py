@@ -10,14 +10,16 @@ import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_notebook
 
-from flowsan_lib import config, pipeline, report
-from flowsan_lib.layout import Input, RunLayout, Stage
+from flowsan_lib.core import config
+from flowsan_lib.core.layout import Input, RunLayout, Stage
+from flowsan_lib.report import html as report
+from flowsan_lib.run import pipeline
 
 PARAMS_CELL = 'preset = "smoke"\nrun_dir = "interactive"\noverrides = {}\ninputs = {}\nout_dir = ""\n'
 
 
 def _notebook(path, body):
-    setup = ("from flowsan_lib.stage_setup import setup_stage\n"
+    setup = ("from flowsan_lib.run.stage_setup import setup_stage\n"
              f"P, io = setup_stage(preset, run_dir, overrides, {path.stem!r}, inputs, out_dir)\n")
     cells = [new_code_cell(PARAMS_CELL, metadata={"tags": ["parameters"]}), new_code_cell(setup), new_code_cell(body)]
     nbformat.write(new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}}), path)
@@ -140,7 +142,7 @@ def test_deleted_or_modified_output_is_rebuilt(toy):
 
 def test_library_code_change_makes_dependent_stages_stale(toy, tmp_path, monkeypatch):
     """A stage's fingerprint covers the flowsan_lib modules its notebook imports, transitively."""
-    from flowsan_lib import layout
+    from flowsan_lib.core import layout
     closure = pipeline.code_closure(layout.NOTEBOOK_DIR / "05_evaluate.ipynb")
     names = {p.relative_to(pipeline.LIBRARY).as_posix() for p in closure}
     assert {"evaluate/metrics.py", "evaluate/stage.py", "stage_setup.py", "config.py"} <= names

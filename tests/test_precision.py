@@ -13,12 +13,12 @@ from __future__ import annotations
 import torch
 from fastai.callback.core import Callback
 
-from flowsan_lib.config import SanParams
-from flowsan_lib.flow import StageData, frozen_for_loss, san_loss
+from flowsan_lib.core.config import SanParams
+from flowsan_lib.method.fit import TensorLoader, build_learner, make_dls
+from flowsan_lib.method.prototypes import make_bank, mean_faces
+from flowsan_lib.method.san_training import StageData, frozen_for_loss, san_loss
 from flowsan_lib.models.aux_cnn import AuxGenderCNN, freeze
 from flowsan_lib.models.san import SAN
-from flowsan_lib.prototypes import make_bank, mean_faces
-from flowsan_lib.train import TensorLoader, build_learner, make_dls
 
 R = 64
 

@@ -14,10 +14,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flowsan_lib.models import (GENDER_CLASSIFIERS, MATCHERS, FaceMatcher, GenderClassifier, fetch,
-                                load_gender_classifier, load_matcher)
-from flowsan_lib.models.pretrained import (cache, cydral, dlib_native, faceapi_agegender, faceapi_resnet, faceres,
-                                           ssrnet)
+from flowsan_lib.models import (
+    GENDER_CLASSIFIERS,
+    MATCHERS,
+    FaceMatcher,
+    GenderClassifier,
+    fetch,
+    load_gender_classifier,
+    load_matcher,
+)
+from flowsan_lib.models.pretrained import cache, cydral, dlib_native, faceapi_agegender, faceapi_resnet, faceres, ssrnet
 from flowsan_lib.models.pretrained.layers import tf_legacy_resize
 from flowsan_lib.models.pretrained.tfjs_weights import decode_groups
 
@@ -346,7 +352,7 @@ def test_channels_last_and_bf16_autocast(wrapper, faces, name):
 
 
 def test_factories_reject_unknown_names_and_cover_the_config():
-    from flowsan_lib.config import RunParams
+    from flowsan_lib.core.config import RunParams
     with pytest.raises(KeyError, match="unknown gender classifier"):
         load_gender_classifier("nope")
     with pytest.raises(KeyError, match="unknown matcher"):

@@ -1,6 +1,6 @@
 """Progress bars: a live widget only for a stage run by hand in a Jupyter kernel, plain text otherwise."""
 
-from flowsan_lib import progress
+from flowsan_lib.core import progress
 
 
 def test_text_under_papermill_widget_by_hand(monkeypatch):
@@ -21,7 +21,7 @@ def test_text_under_papermill_widget_by_hand(monkeypatch):
 
 
 def test_setup_stage_reports_interactive(tmp_path, monkeypatch):
-    from flowsan_lib.stage_setup import setup_stage
+    from flowsan_lib.run.stage_setup import setup_stage
     monkeypatch.setenv("FLOWSAN_OUTPUTS", str(tmp_path))
     setup_stage("smoke", "r1", {}, "01_data")           # no injected out_dir: a notebook run by hand
     assert progress._interactive

@@ -5,8 +5,15 @@ import numpy as np
 import pytest
 import torch
 
-from flowsan_lib.prototypes import (ProtoBank, load_prototypes, make_bank, mean_faces, save_prototypes,
-                                    select_channels, warp_prototype)
+from flowsan_lib.method.prototypes import (
+    ProtoBank,
+    load_prototypes,
+    make_bank,
+    mean_faces,
+    save_prototypes,
+    select_channels,
+    warp_prototype,
+)
 
 
 def test_mean_faces_per_gender(tiny_faces):

@@ -14,8 +14,9 @@ from urllib.parse import unquote, urlparse
 
 import pytest
 
-from flowsan_lib import config, report
-from flowsan_lib.layout import PROJECT_ROOT
+from flowsan_lib.core import config
+from flowsan_lib.core.layout import PROJECT_ROOT
+from flowsan_lib.report import html as report
 
 from .browser import CHROMIUM, FLAGS, require_chromium
 

@@ -2,8 +2,9 @@
 project (and Python's folders by name), never this machine's absolute paths."""
 import pytest
 
-from flowsan_lib import pipeline, report
-from flowsan_lib.layout import Stage
+from flowsan_lib.core.layout import Stage
+from flowsan_lib.report import html as report
+from flowsan_lib.run import pipeline
 
 from .test_pipeline import WRITE_A, _notebook
 from .test_report_front_page import machine_paths

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file
 
-from flowsan_lib.layout import STAGES, RunLayout
+from flowsan_lib.core.layout import STAGES, RunLayout
 
 UP_TO_04 = STAGES[:4]
 SAME = ("aux_auc", "matcher", "mean_abs_change", "seen_auc_at_t_max", "n_train", "n_val", "n_test")

@@ -20,7 +20,7 @@ RUN = textwrap.dedent("""
     import sys
     from pathlib import Path
     from flowsan_lib import cli, pipeline
-    from flowsan_lib.layout import Input, Stage
+    from flowsan_lib.core.layout import Input, Stage
     cli._console_log()
     root = Path(sys.argv[1])
     a, b = Stage("a", ("data",)), Stage("b", ("aux",), {"a_metrics": Input("a", "metrics.json")})
@@ -41,8 +41,9 @@ def _toy(tmp_path):
     for name, body in (("a", WRITE_A), ("b", READ_A), ("c", BOOM), ("w", WARN)):
         _notebook(nb / f"{name}.ipynb", body)
     # the notebooks' real parameters cell: papermill must parse every line of it
-    from flowsan_lib.layout import NOTEBOOK_DIR
     import nbformat
+
+    from flowsan_lib.core.layout import NOTEBOOK_DIR
     real = nbformat.read(NOTEBOOK_DIR / "06_explore.ipynb", as_version=4)
     cell = next(c for c in real.cells if "parameters" in c.metadata.get("tags", []))
     for name in ("a", "b", "c", "w"):

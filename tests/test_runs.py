@@ -2,8 +2,9 @@
 import json
 import shutil
 
-from flowsan_lib import cli, runs
-from flowsan_lib.layout import STAGE_NAMES, RunLayout
+from flowsan_lib import cli
+from flowsan_lib.core.layout import STAGE_NAMES, RunLayout
+from flowsan_lib.report import runs
 
 
 def _fake_run(root, name, done, failed=None, preset="quick"):

@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from flowsan_lib.config import SanParams
-from flowsan_lib.flow import StageData, frozen_for_loss, train_san
-from flowsan_lib.losses import SanLoss, gender_logit, gender_loss, match_loss, pixel_loss
+from flowsan_lib.core.config import SanParams
+from flowsan_lib.method.losses import SanLoss, gender_logit, gender_loss, match_loss, pixel_loss
+from flowsan_lib.method.prototypes import make_bank, mean_faces
+from flowsan_lib.method.san_training import StageData, frozen_for_loss, train_san
 from flowsan_lib.models.aux_cnn import AuxGenderCNN, freeze
 from flowsan_lib.models.san import SAN, n_params
-from flowsan_lib.prototypes import make_bank, mean_faces
 
 
 @pytest.fixture(autouse=True)

@@ -7,7 +7,9 @@ and open the report in headless Chromium where available.
 import json
 from pathlib import Path
 
-from flowsan_lib import config, pipeline, report
+from flowsan_lib.core import config
+from flowsan_lib.report import html as report
+from flowsan_lib.run import pipeline
 
 from .browser import chromium_page
 

@@ -8,8 +8,9 @@ import os
 import pandas as pd
 import pytest
 
-from flowsan_lib import compare, config, sweep
-from flowsan_lib.layout import RunLayout
+from flowsan_lib.core import config
+from flowsan_lib.core.layout import RunLayout
+from flowsan_lib.run import compare, sweep
 
 GRID = """\
 data.sources: [[sample], ["manifest:missing.csv"]]
@@ -130,6 +131,7 @@ def test_shipped_grids_plan_on_the_preset_they_name():
     every combination loads, before a GPU session finds out."""
     import re
     from pathlib import Path
+
     import yaml
     checked = []
     for grid in sorted((Path(__file__).parents[1] / "params" / "sweeps").glob("*.yaml")):

@@ -329,7 +329,7 @@ def load_source(source: str, root: str | os.PathLike | None = "") -> pd.DataFram
 def manifest_path(source: str, root: Path | None) -> Path:
     """The CSV of a `manifest:<csv>` source: absolute, else in the data root, else relative to the project
     (as every relative path of a run: the same file from the CLI and from the notebook's kernel)."""
-    from flowsan_lib.layout import resolve
+    from flowsan_lib.core.layout import resolve
     p = Path(source.split(":", 1)[1]).expanduser()
     if not p.is_absolute() and root is not None and (root / p).is_file():
         return root / p

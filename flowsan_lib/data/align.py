@@ -52,6 +52,7 @@ def detector_passes(upsample: int) -> list[tuple[bool, int]]:
 def align_params(upsample: int) -> dict:
     """Everything that determines a chip: the crop cache key is built from it."""
     import dlib
+
     from flowsan_lib.models.fetch import provenance
     return {"chip_size": CHIP_SIZE, "padding": CHIP_PADDING, "threshold": DETECT_THRESHOLD,
             "upsample": upsample, "passes": detector_passes(upsample), "pad_fraction": PAD_FRACTION,
@@ -159,6 +160,7 @@ def _array_to_rgb(a: np.ndarray, info: dict):
 def _models():
     """dlib HOG detector and 5-point predictor, loaded once per process."""
     import dlib
+
     from flowsan_lib.models.fetch import weight_path
     predictor = weight_path(PREDICTOR_FILE)   # sha256-checked: a damaged .dat is a FetchError, not a dlib crash
     return dlib.get_frontal_face_detector(), dlib.shape_predictor(str(predictor))

@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from flowsan_lib.core.progress import progress
 from flowsan_lib.data import adapters, align, splits
 from flowsan_lib.data.cache import ChipCache, default_cache_dir
-from flowsan_lib.progress import progress
 
 STAGE = "01_data"
 FACE_COLUMNS = ["path", "source", "gender", "identity", "race", "split", "age", "sha1"]

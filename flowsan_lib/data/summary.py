@@ -54,7 +54,7 @@ def failure_examples(failures: pd.DataFrame, per_reason: int = 2) -> pd.DataFram
 
 def face_grid(faces, per_gender: int = 8, seed: int = 0, color: bool = False, cell: int = 72):
     """Random aligned crops, one row per source and gender (gray unless color), as a PIL image."""
-    from flowsan_lib.viz import image_grid
+    from flowsan_lib.viz.charts import image_grid
     rng = np.random.default_rng(seed)
     rows, labels = [], []
     t = faces.table

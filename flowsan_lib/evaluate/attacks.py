@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import inhouse
-from . import metrics as M
+from flowsan_lib.evaluate import inhouse
+from flowsan_lib.evaluate import metrics as M
 
 
 def protected_split(model, faces, split: str, device="cpu") -> list[np.ndarray]:
@@ -33,7 +33,8 @@ def protected_split(model, faces, split: str, device="cpu") -> list[np.ndarray]:
     prototypes are picked as it was trained (FlowModel.prototype_labels: with `direction: random` or
     `balanced` by the coin, balanced per source), so the attacker trains on the edit it is tested on."""
     import torch
-    from ..methods import to_uint8
+
+    from flowsan_lib.method.apply import to_uint8
     sub = faces.split(split)
     if not len(sub):
         return []
@@ -144,7 +145,7 @@ def run_attacks(P, model_folder, faces, seq, images, test_sets, d_sets, matchers
     folder = Path(model_folder) if model_folder and (Path(model_folder) / "model.json").exists() else None
     prot_train, prot_valid = [], []
     if folder is not None:
-        from ..modelio import load_model
+        from flowsan_lib.method.modelio import load_model
         model = load_model(folder, device)
         prot_train = protected_split(model, faces, "train", device)
         prot_valid = protected_split(model, faces, "val", device)
@@ -161,7 +162,7 @@ def run_attacks(P, model_folder, faces, seq, images, test_sets, d_sets, matchers
                                             P.seed, log)
     # descriptor probes train on the identity-labelled sources, the images the matchers evaluate;
     # a copy of a network already probed (native dlib = face-api's ResNet) would only repeat it
-    from .suite import SAME_NETWORK
+    from flowsan_lib.evaluate.suite import SAME_NETWORK
     probed = []
     for m in matchers:
         if not SAME_NETWORK.get(m.name, set()) & {p.name for p in probed}:

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..device import require_on
-from . import classical, inhouse
+from flowsan_lib.core.device import require_on
+from flowsan_lib.evaluate import classical, inhouse
 
 
 def _batches(images, batch_size: int, device):
@@ -74,7 +74,7 @@ class TorchMatcher:
 
 def pretrained_classifiers(names, device) -> list[TorchClassifier]:
     """The pretrained unseen gender classifiers named in EvalParams.classifiers."""
-    from ..models import load_gender_classifier
+    from flowsan_lib.models import load_gender_classifier
     return [TorchClassifier(load_gender_classifier(n, device), "pretrained", False, device=device) for n in names]
 
 
@@ -92,7 +92,7 @@ def is_seen_matcher(name: str, seen: str | list[str]) -> bool:
 
 def matchers(names, seen: str | list[str], device) -> list[TorchMatcher]:
     """The face matchers named in EvalParams.matchers; those the SAN loss used, and their copies, flagged seen."""
-    from ..models import load_matcher
+    from flowsan_lib.models import load_matcher
     return [TorchMatcher(load_matcher(n, device), seen=is_seen_matcher(n, seen), device=device) for n in names]
 
 
@@ -127,6 +127,6 @@ def classical_suite(train_gray, train_male, seed: int, log=print) -> list[classi
 
 def auxiliary_classifiers(aux_dir, n: int, device) -> list[TorchClassifier]:
     """The SANs' own auxiliary classifiers G_1..G_n, flagged seen: a reference, never in summaries."""
-    from ..flowsan_stage import load_aux_classifiers
+    from flowsan_lib.models.aux_cnn import load_aux_classifiers
     return [TorchClassifier(g, "auxiliary", True, device=device, label=f"aux_G{i:02d}")
             for i, g in enumerate(load_aux_classifiers(aux_dir, n, device), 1)]

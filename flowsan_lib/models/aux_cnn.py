@@ -101,3 +101,12 @@ def freeze(net: nn.Module) -> nn.Module:
     for p in net.parameters():
         p.requires_grad_(False)
     return net
+
+
+def load_aux_classifiers(aux_dir: Path, n: int, device="cpu") -> list[AuxGenderCNN]:
+    """G_1..G_n saved by the 03_aux_classifiers stage in aux_dir."""
+    found = sorted(Path(aux_dir).glob("aux[0-9][0-9].safetensors"))
+    if len(found) < n:
+        raise ValueError(f"{aux_dir} holds {len(found)} auxiliary classifiers but san.n_stages = {n}: "
+                         f"set aux.n_classifiers >= {n} and re-run 03_aux_classifiers")
+    return [load_aux(Path(aux_dir) / f"aux{i:02d}.safetensors", device) for i in range(1, n + 1)]

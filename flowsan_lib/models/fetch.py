@@ -23,7 +23,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..integrity import atomic_path, atomic_write_text, sha256_file
+from flowsan_lib.core.integrity import atomic_path, atomic_write_text, sha256_file
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import GenderClassifierName, MatcherName
+from flowsan_lib.core.config import GenderClassifierName, MatcherName
 
 GENDER_CLASSIFIERS = list(typing.get_args(GenderClassifierName))
 MATCHERS = list(typing.get_args(MatcherName))

@@ -19,8 +19,8 @@ from typing import Callable
 import torch
 from safetensors.torch import load, save_file
 
-from ... import integrity
-from .. import fetch
+from flowsan_lib.core import integrity
+from flowsan_lib.models import fetch
 
 
 def source_paths(files: tuple[str, ...], root: Path | None = None) -> dict[str, Path]:

@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..interfaces import GenderClassifier, centre_crop, check_crops, full_precision, resize, to_rgb255
-from . import cache
-from .layers import f32
-from .onnx_weights import read_onnx
+from flowsan_lib.models.interfaces import GenderClassifier, centre_crop, check_crops, full_precision, resize, to_rgb255
+from flowsan_lib.models.pretrained import cache
+from flowsan_lib.models.pretrained.layers import f32
+from flowsan_lib.models.pretrained.onnx_weights import read_onnx
 
 FILES = ("gender-v1.onnx",)
 MEAN_RGB = (122.781998, 117.000999, 104.297997)

@@ -11,8 +11,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..interfaces import FaceMatcher, check_crops, resize
-from . import cache
+from flowsan_lib.models.interfaces import FaceMatcher, check_crops, resize
+from flowsan_lib.models.pretrained import cache
 
 FILES = ("dlib_face_recognition_resnet_model_v1.dat",)
 INPUT_SIZE = 150

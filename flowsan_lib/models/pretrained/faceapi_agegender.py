@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..interfaces import GenderClassifier, check_crops, full_precision, resize, to_rgb255
-from . import cache
-from .layers import f32, tf_conv, tf_depthwise, tf_same_pad
-from .tfjs_weights import read_weights_manifest
+from flowsan_lib.models.interfaces import GenderClassifier, check_crops, full_precision, resize, to_rgb255
+from flowsan_lib.models.pretrained import cache
+from flowsan_lib.models.pretrained.layers import f32, tf_conv, tf_depthwise, tf_same_pad
+from flowsan_lib.models.pretrained.tfjs_weights import read_weights_manifest
 
 FILES = ("age_gender_model-weights_manifest.json", "age_gender_model.bin")
 MEAN_RGB = (122.782, 117.001, 104.298)

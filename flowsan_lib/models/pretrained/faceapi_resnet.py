@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..interfaces import FaceMatcher, check_crops, resize, to_rgb255
-from . import cache
-from .layers import f32, tf_conv
-from .tfjs_weights import read_weights_manifest
+from flowsan_lib.models.interfaces import FaceMatcher, check_crops, resize, to_rgb255
+from flowsan_lib.models.pretrained import cache
+from flowsan_lib.models.pretrained.layers import f32, tf_conv
+from flowsan_lib.models.pretrained.tfjs_weights import read_weights_manifest
 
 FILES = ("face_recognition_model-weights_manifest.json", "face_recognition_model.bin")
 MEAN_RGB = (122.782, 117.001, 104.298)

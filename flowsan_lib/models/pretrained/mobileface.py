@@ -19,10 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..interfaces import FaceMatcher, check_crops, resize, to_rgb255
-from . import cache
-from .layers import f32, tf_conv, tf_dense, tf_depthwise
-from .tfjs_graph import read_graph_model
+from flowsan_lib.models.interfaces import FaceMatcher, check_crops, resize, to_rgb255
+from flowsan_lib.models.pretrained import cache
+from flowsan_lib.models.pretrained.layers import f32, tf_conv, tf_dense, tf_depthwise
+from flowsan_lib.models.pretrained.tfjs_graph import read_graph_model
 
 FILES = ("mobileface.json", "mobileface.bin")
 INPUT_SIZE = 112

@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..interfaces import GenderClassifier, check_crops, full_precision, resize
-from . import cache
-from .layers import f32, tf_conv, tf_depthwise, tf_same_pad
-from .tfjs_graph import read_graph_model
+from flowsan_lib.models.interfaces import GenderClassifier, check_crops, full_precision, resize
+from flowsan_lib.models.pretrained import cache
+from flowsan_lib.models.pretrained.layers import f32, tf_conv, tf_depthwise, tf_same_pad
+from flowsan_lib.models.pretrained.tfjs_graph import read_graph_model
 
 FILES = ("gender.json", "gender.bin")
 INPUT_SIZE = 64

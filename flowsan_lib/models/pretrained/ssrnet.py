@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..interfaces import GenderClassifier, check_crops, full_precision, resize, to_rgb255
-from . import cache
-from .layers import f32, tf_conv, tf_dense
-from .tfjs_graph import read_graph_model
+from flowsan_lib.models.interfaces import GenderClassifier, check_crops, full_precision, resize, to_rgb255
+from flowsan_lib.models.pretrained import cache
+from flowsan_lib.models.pretrained.layers import f32, tf_conv, tf_dense
+from flowsan_lib.models.pretrained.tfjs_graph import read_graph_model
 
 FILES = ("gender-ssrnet-imdb.json", "gender-ssrnet-imdb.bin")
 INPUT_SIZE = 64

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .tfjs_weights import decode_groups
+from flowsan_lib.models.pretrained.tfjs_weights import decode_groups
 
 
 @dataclass

@@ -117,7 +117,7 @@ class SanLoss(nn.Module):
         if self.w_gender:
             seen = both
             if self.diversity and self.diversity_seed is not None:   # training batches only
-                from .levers import input_diversity
+                from flowsan_lib.method.augment import input_diversity
                 seen = input_diversity(both, self.diversity_seed)
             z = gender_logit(self.gender, seen)
             j_g = gender_loss(z[:n], z[n:], y, self.gender_target)

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import yaml
 
-from . import config, layout
+from flowsan_lib.core import config, layout
 
 log = logging.getLogger("flowsan.sweep")
 
@@ -203,7 +203,8 @@ def run_sweep(preset: str, grid_file: Path, jobs: int = 1, name: str | None = No
 def summary_table(summary: dict, sweep_dir: Path):
     """One row per run: its overrides, status, and headline numbers at t = n (unseen models)."""
     import pandas as pd
-    from .compare import headline
+
+    from flowsan_lib.run.compare import headline
     rows = []
     for r in summary["runs"]:
         row = {"run": r["name"], **r["overrides"], "status": r["status"], "seconds": r.get("seconds")}

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import config, layout, progress
+from flowsan_lib.core import config, layout, progress
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import re
 import time
 from pathlib import Path
 
-from .layout import RUN_FOLDERS, STAGE_NAMES, RunLayout
+from flowsan_lib.core.layout import RUN_FOLDERS, STAGE_NAMES, RunLayout
 
 RUN_LINE = re.compile(r"run \S+: preset (?P<preset>.+?), stages ")
 

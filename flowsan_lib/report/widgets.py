@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import viz
-from .methods import Sequences, load_sequences
+from flowsan_lib.method.apply import Sequences, load_sequences
+from flowsan_lib.viz import charts
 
 BROWSE = ("all", "men", "women", "best anonymised first", "worst anonymised first")
 
@@ -55,7 +55,7 @@ class Explorer:
     def image(self, method: str, t: int, i: int) -> np.ndarray:
         """The picture a method shows for test image i at stage t (Ens-Best: the first classifier's pick)."""
         best = self.s.get(f"best_choice/{self.classifiers[0]}") if self.classifiers else None
-        return viz.method_image(self.seq, method, t, i, self.s["gibbs_choice"], best)
+        return charts.method_image(self.seq, method, t, i, self.s["gibbs_choice"], best)
 
     def anonymisation(self, method: str, t: int) -> np.ndarray:
         """[N] mean over the unseen classifiers of P(true gender): 0.5 = chance, lower = label flipped."""
@@ -92,18 +92,18 @@ class Explorer:
         """The row I, I'_1..I'_n of a method for one image, the selected stage framed in red."""
         from PIL import ImageDraw
         imgs = [self.image(method, k, i) for k in range(self.n + 1)]
-        grid = viz.image_grid([imgs], [""], ["I"] + [f"I'_{k}" for k in range(1, self.n + 1)], cell=cell, label_w=4)
+        grid = charts.image_grid([imgs], [""], ["I"] + [f"I'_{k}" for k in range(1, self.n + 1)], cell=cell, label_w=4)
         d = ImageDraw.Draw(grid)
         x0 = 4 + t * (cell + 4)
         d.rectangle([x0 - 2, 16, x0 + cell + 1, 18 + cell + 1], outline="red", width=2)
-        return viz.png_bytes(grid)
+        return charts.png_bytes(grid)
 
     def numbers_html(self, method: str, t: int, i: int) -> str:
         """The numbers of `numbers()` as an HTML table."""
         nb = self.numbers(method, t, i)
         head = (f"<b>test image {i}</b> ({html.escape(self.test_set[i])}, "
                 f"{'man' if self.is_male[i] else 'woman'}, identity {html.escape(self.identity[i] or 'unknown')}); "
-                f"method <b>{html.escape(viz.METHOD_LABEL.get(method, method))}</b>, t = <b>{t}</b>")
+                f"method <b>{html.escape(charts.METHOD_LABEL.get(method, method))}</b>, t = <b>{t}</b>")
         rows = ["<tr><th>gender classifier</th><th>kind</th><th>P(male) here</th><th>P(male) original</th></tr>"]
         for c, (p, p0, kind) in nb["classifiers"].items():
             rows.append(f"<tr><td>{html.escape(c)}</td><td>{kind}</td><td class='pm'>{p:.3f}</td><td>{p0:.3f}</td></tr>")
@@ -130,8 +130,8 @@ class Explorer:
                     rows.append([self.image(m, t, i) for m, t in cells])
                     caps.append([self._caption(m, t, i) for m, t in cells])
                     labels.append(f"{ts} #{i} ({'man' if male else 'woman'})")
-        cols = ["I"] + [f"{viz.METHOD_LABEL.get(m, m).split(' ')[0]} {t}" for m in methods for t in range(1, self.n + 1)]
-        return viz.image_grid(rows, labels, cols, cell=80, label_w=160, captions=caps)
+        cols = ["I"] + [f"{charts.METHOD_LABEL.get(m, m).split(' ')[0]} {t}" for m in methods for t in range(1, self.n + 1)]
+        return charts.image_grid(rows, labels, cols, cell=80, label_w=160, captions=caps)
 
     def _caption(self, method, t, i) -> str:
         an = self.anonymisation(method, t)[i]
@@ -147,7 +147,7 @@ class Explorer:
         sets = ["all"] + list(dict.fromkeys(self.test_set))
         ts_dd = W.Dropdown(options=sets, value=sets[1] if len(sets) > 1 else "all", description="test set")
         browse_dd = W.Dropdown(options=BROWSE, value="all", description="browse")
-        method_dd = W.Dropdown(options=[(viz.METHOD_LABEL.get(m, m), m) for m in self.methods if m != "original"]
+        method_dd = W.Dropdown(options=[(charts.METHOD_LABEL.get(m, m), m) for m in self.methods if m != "original"]
                                or [("Orig.", "original")], description="method")
         t_sl = W.IntSlider(value=min(1, self.n), min=0, max=self.n, description="stage t", continuous_update=True)
         img_sl = W.IntSlider(value=0, min=0, max=0, description="image", continuous_update=True)
@@ -187,7 +187,7 @@ class Explorer:
         """Report mode: the static grid (PNG); otherwise the live widget."""
         from IPython.display import Image, display
         if in_report_mode(report):
-            display(Image(viz.png_bytes(self.static_grid())))
+            display(Image(charts.png_bytes(self.static_grid())))
         else:
             display(self.widget())
 

@@ -17,20 +17,29 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from fastai.callback.core import Callback
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from fastai.callback.core import Callback
-
-from .device import module_device, pick_device, require_on, resolve_precision, same_device
-from .losses import SanLoss
-from .methods import apply_san, as_float
-from .integrity import sha256_file
-from .modelio import ModelError, read_san, save_san
-from .models.san import SAN
-from .prototypes import ProtoBank
-from .train import (MatchWarmup, TensorLoader, build_learner, derive_seed, fit_resumable, history_seconds,
-                    last_checkpoint, make_dls, rank, world)
+from flowsan_lib.core.device import module_device, pick_device, require_on, resolve_precision, same_device
+from flowsan_lib.core.integrity import sha256_file
+from flowsan_lib.core.seeding import derive_seed
+from flowsan_lib.method.apply import apply_san, as_float
+from flowsan_lib.method.fit import (
+    MatchWarmup,
+    TensorLoader,
+    build_learner,
+    fit_resumable,
+    history_seconds,
+    last_checkpoint,
+    make_dls,
+    rank,
+    world,
+)
+from flowsan_lib.method.losses import SanLoss
+from flowsan_lib.method.modelio import ModelError, read_san, save_san
+from flowsan_lib.method.prototypes import ProtoBank
+from flowsan_lib.models.san import SAN
 
 MATCH_REDUCTION = "sum"   # J_M summed over batch and dims, as the original code (see losses.match_loss)
 
@@ -144,7 +153,7 @@ def train_san(san: SAN, train: StageData, valid: StageData, gender, matcher, sp,
     if gpus <= 1:
         return _fit_san(san, train, valid, gender, matcher, sp, seed=seed, tag=tag, ckpt_dir=ckpt_dir,
                         history=history, params=params, device=device, extra_cbs=extra_cbs)
-    from .parallel import launch
+    from flowsan_lib.method.parallel import launch
     cpu = torch.device("cpu")
     cpu_copy = lambda m: None if m is None else copy.deepcopy(m).to(cpu)   # the shared modules stay where they are
     done_before, _ = last_checkpoint(ckpt_dir)
@@ -291,7 +300,7 @@ def train_ensemble(sp, seed: int, train: StageData, valid: StageData, aux: list,
     n = sp.n_stages
     todo = [i for i in range(1, n + 1) if not (Path(folder) / f"stage{i:02d}.safetensors").exists()]
     if gpus > 1 and len(todo) > 1:
-        from .parallel import launch
+        from flowsan_lib.method.parallel import launch
         cpu = torch.device("cpu")
         copies = lambda ms: [None if m is None else copy.deepcopy(m).to(cpu) for m in ms]
         w = min(gpus, len(todo))

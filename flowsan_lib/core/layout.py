@@ -22,7 +22,6 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK_DIR = PROJECT_ROOT / "notebooks"
@@ -45,12 +44,12 @@ class Input:
 
 @dataclass(frozen=True)
 class Stage:
-    """One notebook of the pipeline: its parameters, what it reads, what it must write."""
+    """One notebook of the pipeline: its parameters, what it reads, what it must write, the code it runs."""
     name: str                          # also the notebook file stem and the stage folder name
     sections: tuple[str, ...]          # parameter sections whose values change its result
     inputs: dict = field(default_factory=dict)   # keyword of the stage function -> Input
     outputs: tuple[str, ...] = ("metrics.json",)  # files it must leave in its folder
-    weights: Callable | None = None    # params -> base names of the pretrained weight files it reads
+    entry: str = ""                    # module of its stage function: its import closure is the stage's code
 
     @property
     def needs(self) -> tuple[str, ...]:
@@ -58,32 +57,36 @@ class Stage:
         return tuple(sorted({i.stage for i in self.inputs.values()}))
 
 
-def _predictor(P) -> set[str]:
-    from .data.align import PREDICTOR_FILE
-    return {PREDICTOR_FILE}
+# Named run artifacts: the one catalogue of where a stage's products live (Kedro's catalog). Stages
+# declare their inputs by these names, and readers outside the pipeline (report, runs, compare, the
+# explorer) ask for them through `RunLayout.artifact`, never by building a path.
+ARTIFACTS: dict[str, Input] = {
+    "faces": Input("01_data"),
+    "data_metrics": Input("01_data", "metrics.json"),
+    "prototypes": Input("02_prototypes", "prototypes.safetensors"),
+    "aux": Input("03_aux_classifiers"),
+    "san_metrics": Input("04_flowsan", "metrics.json"),
+    "test_outputs": Input("04_flowsan", "outputs_test.npz"),
+    "flowsan_model": Input("04_flowsan", "flowsan"),
+    "eval_metrics": Input("05_evaluate", "metrics.json"),
+    "scores": Input("05_evaluate", "scores.npz"),
+}
 
 
-def _model_files(names) -> set[str]:
-    from .models.interfaces import weight_files
-    return {f for name in names for f in weight_files(name)}
+def _reads(*names: str) -> dict:
+    return {n: ARTIFACTS[n] for n in names}
 
 
-FACES = Input("01_data")
 STAGES: tuple[Stage, ...] = (
-    Stage("01_data", ("data",), {}, ("metrics.json", "faces.npz", "faces.csv"), weights=_predictor),
-    Stage("02_prototypes", ("prototypes",), {"faces": FACES}, ("metrics.json", "prototypes.safetensors")),
-    Stage("03_aux_classifiers", ("aux",), {"faces": FACES}),
-    Stage("04_flowsan", ("san",), {"faces": FACES, "prototypes": Input("02_prototypes", "prototypes.safetensors"),
-                                   "aux": Input("03_aux_classifiers")},
-          ("metrics.json", "outputs_test.npz", "flowsan/model.json"),
-          weights=lambda P: _model_files([*P.san.seen_matchers(), *P.san.seen_classifiers])),
-    Stage("05_evaluate", ("evaluate",), {"faces": FACES, "aux": Input("03_aux_classifiers"),
-                                         "test_outputs": Input("04_flowsan", "outputs_test.npz"),
-                                         "flowsan_model": Input("04_flowsan", "flowsan")},
-          ("metrics.json", "scores.npz"),
-          weights=lambda P: _model_files([*P.evaluate.classifiers, *P.evaluate.matchers])),
-    Stage("06_explore", (), {"scores": Input("05_evaluate", "scores.npz"),
-                             "test_outputs": Input("04_flowsan", "outputs_test.npz")}),
+    Stage("01_data", ("data",), {}, ("metrics.json", "faces.npz", "faces.csv"), entry="flowsan_lib.data.stage"),
+    Stage("02_prototypes", ("prototypes",), _reads("faces"), ("metrics.json", "prototypes.safetensors"),
+          entry="flowsan_lib.stages.prototypes"),
+    Stage("03_aux_classifiers", ("aux",), _reads("faces"), entry="flowsan_lib.stages.aux"),
+    Stage("04_flowsan", ("san",), _reads("faces", "prototypes", "aux"),
+          ("metrics.json", "outputs_test.npz", "flowsan/model.json"), entry="flowsan_lib.stages.flowsan"),
+    Stage("05_evaluate", ("evaluate",), _reads("faces", "aux", "test_outputs", "flowsan_model"),
+          ("metrics.json", "scores.npz"), entry="flowsan_lib.stages.evaluate"),
+    Stage("06_explore", (), _reads("scores", "test_outputs"), entry="flowsan_lib.report.widgets"),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
 
@@ -169,6 +172,13 @@ class RunLayout:
     def stage_log(self, stage: str, state: str = "") -> Path:
         """logs/<stage>.log (finished), <stage>.attempt.log (running), <stage>.failed.log (last failure)."""
         return self.root / "logs" / (f"{stage}.{state}.log" if state else f"{stage}.log")
+
+    def artifact(self, name: str) -> Path:
+        """Where this run keeps the named artifact (ARTIFACTS), finished or not."""
+        if name not in ARTIFACTS:
+            raise LayoutError(f"unknown run artifact {name!r}; known: {', '.join(ARTIFACTS)}")
+        i = ARTIFACTS[name]
+        return self.stage_dir(i.stage) / i.path if i.path else self.stage_dir(i.stage)
 
     def input_paths(self, stage: Stage) -> dict[str, Path]:
         """The finished-stage paths a stage reads, by the keyword its stage function takes."""

@@ -1,6 +1,6 @@
 """Altair charts and image grids of the evaluation, rendered offline (SVG via vl-convert, PNG via PIL).
 
-Charts are built from the evaluation stage's metrics.json (see flowsan_lib.evaluate.stage), so a
+Charts are built from the evaluation stage's metrics.json (see flowsan_lib.stages.evaluate), so a
 notebook or a later analysis can redraw them from files alone. `svg(chart)` gives a static picture
 for a notebook output: no JavaScript and no CDN, so the HTML report opens offline.
 """

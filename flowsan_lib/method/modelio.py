@@ -17,11 +17,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .integrity import IntegrityError, confined, sha256_file
-from .methods import ens_avg, flow_sequence, member_outputs
-from .models.aux_cnn import AuxGenderCNN, load_aux
-from .models.san import SAN
-from .prototypes import ProtoBank, load_prototypes, make_bank, select_channels
+from flowsan_lib.core.integrity import IntegrityError, confined, sha256_file
+from flowsan_lib.method.apply import ens_avg, flow_sequence, member_outputs
+from flowsan_lib.method.prototypes import ProtoBank, load_prototypes, make_bank, select_channels
+from flowsan_lib.models.aux_cnn import AuxGenderCNN, load_aux
+from flowsan_lib.models.san import SAN
 
 MODEL_FORMAT = 1
 
@@ -58,7 +58,7 @@ def save_model(folder: Path, kind: str, stages: list[SAN], prototypes_file: Path
 
     Stage files already in the folder (written as each stage finished) are kept when identical.
     """
-    from .models.aux_cnn import save_aux
+    from flowsan_lib.models.aux_cnn import save_aux
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if kind not in ("flowsan", "ensemble"):
@@ -109,7 +109,7 @@ class FlowModel:
     def prototype_labels(self, y: torch.Tensor, groups=None) -> torch.Tensor:
         """The labels that pick the prototypes, as in training (san.direction; the coin seeded as trained;
         groups: one value per face that a balanced coin balances within, e.g. the data source)."""
-        from .levers import prototype_labels
+        from flowsan_lib.method.directions import prototype_labels
         params = self.doc.get("params") if isinstance(self.doc.get("params"), dict) else {}
         return prototype_labels(y, (params.get("san") or {}).get("direction", "opposite"), params.get("seed", 0),
                                 groups)

@@ -2,8 +2,9 @@
 
 Where things live is `layout`'s business. A stage is skipped only when its fingerprint matches the one
 recorded when it last finished AND every file it wrote still has the hash recorded then. The
-fingerprint covers its parameter sections, its notebook, the library code its notebook imports (the
-whole import closure inside flowsan_lib) and the fingerprints of the stages it reads. A stage writes
+fingerprint covers its parameter sections, its notebook, the library code its stage function runs (the
+import closure inside flowsan_lib of the stage's entry module; charts the notebook only displays are not
+part of a result) and the fingerprints of the stages it reads. A stage writes
 into `<stage>.partial/` and is promoted by renames only after its marker is written there, so a
 failure or a kill never damages finished outputs and an interrupted stage resumes from its checkpoints.
 One `flowsan run` at a time per run folder (an advisory lock); `params.yaml` and a stage's executed
@@ -11,7 +12,6 @@ notebook are replaced only when what they describe has succeeded.
 """
 from __future__ import annotations
 
-import ast
 import fcntl
 import hashlib
 import json
@@ -25,15 +25,15 @@ from pathlib import Path
 
 import yaml
 
-from . import config
-from .integrity import atomic_write_text, hash_tree, tree_problems
-from .layout import MARKER, NOTEBOOK_DIR, PROJECT_ROOT, STAGES, RunLayout, Stage
+from flowsan_lib.core import codegraph, config
+from flowsan_lib.core.integrity import atomic_write_text, hash_tree, tree_problems
+from flowsan_lib.core.layout import MARKER, NOTEBOOK_DIR, PROJECT_ROOT, STAGES, RunLayout, Stage
 
 log = logging.getLogger("flowsan.run")
 log.setLevel(logging.INFO)  # logs/run.log records every run, also when called as a library (no CLI logging setup)
 GLOBAL_KEYS = ("seed",)  # top-level params that change every stage's result
 EXECUTION_KEYS = ("gpus", "threads")  # how a run executes, not what it computes: may differ between runs
-LIBRARY = PROJECT_ROOT / "flowsan_lib"
+LIBRARY = codegraph.LIBRARY    # tests point it at a copy
 
 
 class RunError(RuntimeError):
@@ -58,60 +58,15 @@ def read_marker(run_dir: Path, stage: str) -> dict | None:
         return None                                   # a damaged marker means: not finished
 
 
-def _module_file(name: str) -> Path | None:
-    """Source file of a flowsan_lib module name, if it is one."""
-    parts = name.split(".")
-    if parts[0] != "flowsan_lib":
-        return None
-    base = LIBRARY.joinpath(*parts[1:])
-    for p in (base.with_suffix(".py"), base / "__init__.py"):
-        if p.is_file():
-            return p
-    return None
+def code_closure(*modules: str) -> list[Path]:
+    """Library files that run when `modules` are imported (codegraph.closure over LIBRARY)."""
+    return sorted(set(codegraph.closure(modules, LIBRARY).values()))
 
 
-def _imports(tree: ast.AST, module: str, is_package: bool) -> set[str]:
-    """flowsan_lib module names a parsed file imports (at any depth, relative imports resolved)."""
-    found = set()
-    pkg = module if is_package else module.rpartition(".")[0]
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            found |= {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = pkg.split(".")[:len(pkg.split(".")) - node.level + 1]
-                target = ".".join(base + ([node.module] if node.module else []))
-            else:
-                target = node.module or ""
-            found.add(target)
-            found |= {f"{target}.{a.name}" for a in node.names}   # `from . import viz` names a module
-    return {m for m in found if m.startswith("flowsan_lib")}
-
-
-def code_closure(notebook: Path) -> list[Path]:
-    """Library files a notebook runs: the flowsan_lib modules it imports, transitively, with their packages."""
-    nb = json.loads(Path(notebook).read_text())
-    source = "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
-    lines = [ln for ln in source.splitlines() if not ln.lstrip().startswith(("%", "!"))]
-    todo = _imports(ast.parse("\n".join(lines)), "__main__", False)
-    seen: dict[str, Path] = {}
-    while todo:
-        name = todo.pop()
-        parts = name.split(".")
-        for i in range(1, len(parts) + 1):              # a module runs its packages' __init__ first
-            sub = ".".join(parts[:i])
-            path = _module_file(sub)
-            if path is None or sub in seen:
-                continue
-            seen[sub] = path
-            todo |= _imports(ast.parse(path.read_text()), sub, path.name == "__init__.py")
-    return sorted(set(seen.values()))
-
-
-def code_digest(notebook: Path) -> str:
-    """sha256 over the library files a notebook runs (path and content of each)."""
+def code_digest(stage: Stage) -> str:
+    """sha256 over the library files a stage's function runs (path and content of each)."""
     h = hashlib.sha256()
-    for p in code_closure(notebook):
+    for p in code_closure(stage.entry) if stage.entry else ():
         h.update(p.relative_to(LIBRARY).as_posix().encode() + b"\0" + p.read_bytes())
     return h.hexdigest()[:16]
 
@@ -129,7 +84,7 @@ def fingerprint(stage: Stage, params: config.RunParams, run: RunLayout, notebook
         "params": {s: values[s] for s in stage.sections},
         "global": {k: values[k] for k in GLOBAL_KEYS},
         "notebook": hashlib.sha256(notebook.read_bytes()).hexdigest(),
-        "code": code_digest(notebook),
+        "code": code_digest(stage),
         "upstream": upstream,
     })
 
@@ -192,11 +147,34 @@ def check_params_change(run: RunLayout, params: config.RunParams, force: bool) -
 
 
 def _check_data_sources(params: config.RunParams) -> None:
-    from .data.adapters import check_sources
+    from flowsan_lib.data.adapters import check_sources
     check_sources(params.data)
 
 
 PREFLIGHT = {"01_data": _check_data_sources}   # what a stage reads from outside the run, checked up front
+
+
+def _model_files(names) -> set[str]:
+    from flowsan_lib.models.interfaces import weight_files
+    return {f for name in names for f in weight_files(name)}
+
+
+def _predictor(P) -> set[str]:
+    from flowsan_lib.data.align import PREDICTOR_FILE
+    return {PREDICTOR_FILE}
+
+
+# Pretrained weight files each stage reads under parameters P (checked by hash before it computes).
+WEIGHTS = {
+    "01_data": _predictor,
+    "04_flowsan": lambda P: _model_files([*P.san.seen_matchers(), *P.san.seen_classifiers]),
+    "05_evaluate": lambda P: _model_files([*P.evaluate.classifiers, *P.evaluate.matchers]),
+}
+
+
+def stage_weights(stage: Stage, params: config.RunParams) -> set[str]:
+    """Base names of the pretrained weight files a stage reads."""
+    return WEIGHTS[stage.name](params) if stage.name in WEIGHTS else set()
 
 
 def _current(run: RunLayout, stage: Stage, params: config.RunParams, notebook_dir: Path) -> bool:
@@ -236,9 +214,9 @@ def preflight(run: RunLayout, params: config.RunParams, selected, forced, notebo
     Returns the (run folder, stage) pairs found current, here or in a --reuse-from run (their files
     just hashed: the run does not hash them again)."""
     todo, current = stages_to_run(run, params, selected, forced, notebook_dir, reuse_from)
-    weights = {f for s in todo if s.weights for f in s.weights(params)}
+    weights = {f for s in todo for f in stage_weights(s, params)}
     if check_weights and weights:
-        from .models.fetch import check_cache
+        from flowsan_lib.models.fetch import check_cache
         check_cache(files=weights)
     for stage in todo:
         if stage.name in PREFLIGHT:
@@ -303,7 +281,7 @@ def run(preset: str, run_name: str | None = None, only=None, from_stage: str | N
     selected, forced = select_stages(stages, only, from_stage, until)
     run_layout = RunLayout.named(config.preset_path(preset).stem if run_name is None else run_name, output_dir)
     check_params_change(run_layout, params, force)
-    from .device import check_run_device
+    from flowsan_lib.core.device import check_run_device
     check_run_device(params.device, params.gpus)      # device: cuda without a GPU, --gpus 4 on 2: refused here
     reuse_from = tuple(Path(r) for r in reuse_from)
     hashed = preflight(run_layout, params, selected, forced, notebook_dir, reuse_from, fetch_models)
@@ -356,7 +334,7 @@ def _run_locked(run: RunLayout, params, selected, forced, notebook_dir, report, 
         result.ran.append(stage.name)
     attempt.replace(run.params_file)                  # params.yaml now describes every finished stage
     if report:
-        from .report import build_report
+        from flowsan_lib.report.html import build_report
         result.report = build_report(run.root)
         log.info("report: %s", result.report.relative_to(run.root))
     return result
@@ -422,7 +400,7 @@ def execute_stage(stage: Stage, run: RunLayout, notebook_dir: Path, fp: str) -> 
     """Execute one stage notebook into <stage>.partial and promote it on success."""
     import papermill as pm
 
-    from .kernel import QuietKernelManager, StageOutput
+    from flowsan_lib.run.kernel import QuietKernelManager, StageOutput
 
     partial = prepare_partial(run, stage.name, fp)
     attempt_nb = run.executed_notebook(stage.name, "attempt")

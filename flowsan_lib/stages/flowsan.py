@@ -1,5 +1,6 @@
 """The 04_flowsan stage: train the ensemble and FlowSAN, save both model folders, the test-split
-outputs of every method, and a quick check with the seen networks (the full evaluation is 05)."""
+outputs of every method, and a quick check with the seen networks (the full evaluation is 05).
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -10,14 +11,30 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .flow import StageData, base_params, cached_descriptors, descriptors, train_ensemble, train_flowsan
-from .methods import (Sequences, ens_best, flow_sequence, gibbs_picks, load_sequences, member_outputs, to_uint8,
-                      write_test_outputs)
-from .modelio import ModelError, save_model
-from .models.aux_cnn import AuxGenderCNN, load_aux
-from .prototypes import ProtoBank, load_prototypes, make_bank
-from .device import module_device, pick_device, resolve_precision
-from .levers import loss_classifiers, loss_matcher, prototype_labels
+from flowsan_lib.core.device import module_device, pick_device, resolve_precision
+from flowsan_lib.method.apply import (
+    Sequences,
+    ens_best,
+    flow_sequence,
+    gibbs_picks,
+    load_sequences,
+    member_outputs,
+    to_uint8,
+    write_test_outputs,
+)
+from flowsan_lib.method.directions import prototype_labels
+from flowsan_lib.method.frozen import loss_classifiers, loss_matcher
+from flowsan_lib.method.modelio import ModelError, save_model
+from flowsan_lib.method.prototypes import ProtoBank, load_prototypes, make_bank
+from flowsan_lib.method.san_training import (
+    StageData,
+    base_params,
+    cached_descriptors,
+    descriptors,
+    train_ensemble,
+    train_flowsan,
+)
+from flowsan_lib.models.aux_cnn import load_aux_classifiers
 
 
 @torch.no_grad()
@@ -28,13 +45,13 @@ def p_male(g, x: torch.Tensor, bs: int = 256) -> np.ndarray:
 
 
 def auc(p: np.ndarray, y: np.ndarray) -> float:
-    from .evaluate.metrics import roc_auc
+    from flowsan_lib.evaluate.metrics import roc_auc
     return float(roc_auc(p, y))
 
 
 def tmr_at(desc_orig: torch.Tensor, desc_pert: torch.Tensor, pairs, fmr: float) -> float | None:
     """TMR at FMR of cosine scores, original image (pair col 0) vs perturbed image (col 1)."""
-    from .evaluate.metrics import tmr_at_fmr
+    from flowsan_lib.evaluate.metrics import tmr_at_fmr
     if not len(pairs.genuine) or not len(pairs.impostor):
         return None
     score = lambda pr: (desc_orig[pr[:, 0]] * desc_pert[pr[:, 1]]).sum(1).cpu().numpy()
@@ -42,6 +59,8 @@ def tmr_at(desc_orig: torch.Tensor, desc_pert: torch.Tensor, pairs, fmr: float) 
 
 
 MATCH_FMR = 0.01          # operating point of the stage's quick matcher check
+
+
 MATCH_IMPOSTORS = 2000    # impostor pairs of that check (the full evaluation samples its own)
 
 
@@ -61,7 +80,7 @@ def stage_edits(original: np.ndarray, outputs: list[np.ndarray]) -> list[dict]:
 
 def seen_metrics(aux: list, matcher, seq: Sequences, seed: int) -> dict:
     """Auxiliary classifiers' AUC and the auxiliary matcher's TMR at FMR 1% on the test outputs."""
-    from .evaluate.pairs import different_image_pairs
+    from flowsan_lib.evaluate.pairs import different_image_pairs
     f = lambda a: torch.from_numpy(np.ascontiguousarray(a)).float().div(255).unsqueeze(1)
     y = seq.gender.astype(int)
     ens = seq.members is not None
@@ -106,21 +125,12 @@ def _split_data(fs, split: str, desc: torch.Tensor, bank: ProtoBank, device, sp,
     return rows, y.numpy().astype(int), StageData(x, x, desc[rows], labels, bank.subset(rows)).to(device)
 
 
-def load_aux_classifiers(aux_dir: Path, n: int, device="cpu") -> list[AuxGenderCNN]:
-    """G_1..G_n from the 03_aux_classifiers stage."""
-    found = sorted(Path(aux_dir).glob("aux[0-9][0-9].safetensors"))
-    if len(found) < n:
-        raise ValueError(f"{aux_dir} holds {len(found)} auxiliary classifiers but san.n_stages = {n}: "
-                         f"set aux.n_classifiers >= {n} and re-run 03_aux_classifiers")
-    return [load_aux(Path(aux_dir) / f"aux{i:02d}.safetensors", device) for i in range(1, n + 1)]
-
-
 def run_flowsan_stage(P, *, faces: Path, prototypes: Path, aux: Path, out: Path, extra_cbs=None) -> dict:
     """Train the ensemble and FlowSAN (resuming), save both model folders, test outputs and metrics.
 
     faces: the 01_data folder; prototypes: 02's prototypes.safetensors; aux: the 03 folder; out: where to write.
     """
-    from .data import load_faces
+    from flowsan_lib.data import load_faces
     t_start = time.time()
     stage_dir = Path(out)
     device = pick_device(P.device)                    # decided once; everything below is created on it
@@ -198,55 +208,3 @@ def _json_default(o):
     if isinstance(o, (np.floating, np.integer)):
         return o.item()
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
-# --- display helpers for the notebooks ---------------------------------------------------------
-
-def auc_table(metrics: dict):
-    """Seen classifiers' test AUC: one row per (classifier, method), columns original and t = 1..n."""
-    import pandas as pd
-    rows = []
-    for g, r in metrics["aux_auc"].items():
-        for method, vals in r.items():
-            if method == "original":
-                continue
-            rows.append({"classifier": g, "method": method, "original": r["original"],
-                         **{f"t={t}": v for t, v in enumerate(vals, 1)}})
-    return pd.DataFrame(rows).set_index(["classifier", "method"]).round(3)
-
-
-def tmr_table(metrics: dict):
-    """Auxiliary matcher's TMR at FMR 1% (original vs perturbed image of the same person)."""
-    import pandas as pd
-    m = metrics["matcher"]
-    rows = [{"method": k[4:], "original": m["tmr_original"], **{f"t={t}": v for t, v in enumerate(vals, 1)}}
-            for k, vals in m.items() if k.startswith("tmr_") and k != "tmr_original"]
-    return pd.DataFrame(rows).set_index("method").round(3)
-
-
-def edit_table(metrics: dict):
-    """Each FlowSAN stage's edit of its own input on the test faces (grey levels; see stage_edits)."""
-    import pandas as pd
-    rows = metrics.get("stage_edits", [])
-    return pd.DataFrame(rows, index=pd.Index(range(1, len(rows) + 1), name="stage")).round(3)
-
-
-def time_table(metrics: dict):
-    """Seconds per stage: training and the transform of the training set before it."""
-    import pandas as pd
-    s = metrics["seconds"]
-    n = len(s["flowsan_train"])
-    ens = s["ensemble_train"] or [None] * n
-    return pd.DataFrame({"flowsan_train_s": s["flowsan_train"], "flowsan_transform_s": s["flowsan_transform"],
-                         "ensemble_train_s": ens}, index=pd.Index(range(1, n + 1), name="stage"))
-
-
-def sequence_grid(npz_path: Path, n_faces: int = 6, seed: int = 0, scale: int = 2) -> np.ndarray:
-    """Image grid of test faces: rows = faces; columns = original, FlowSAN t=1..n, Ens-Avg t=1..n."""
-    from .prototypes import image_grid
-    seq = load_sequences(npz_path)
-    avg = seq.ens_avg() if seq.members is not None else []
-    rng = np.random.default_rng(seed)
-    pick = np.sort(rng.choice(len(seq.original), min(n_faces, len(seq.original)), replace=False))
-    rows = [[seq.original[k]] + [x[k] for x in seq.flowsan] + [x[k] for x in avg] for k in pick]
-    return image_grid(rows, scale)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import nbformat
 
-from .layout import RunLayout
+from flowsan_lib.core.layout import RunLayout
 
 
 class ExploreError(ValueError):
@@ -36,7 +36,7 @@ def explorer_notebook(run_dir: Path) -> nbformat.NotebookNode:
     title = (f"# FlowSAN explorer: run `{Path(run_dir).name}`\n\nPick a test set, browse order, image, method and "
              "stage t: the picture shows I, I'_1..I'_n with stage t framed in red; the table every classifier's "
              "P(male) and every matcher's cosine against the original (precomputed by 05_evaluate).")
-    code = ("from flowsan_lib.widgets import Explorer\n"
+    code = ("from flowsan_lib.report.widgets import Explorer\n"
             f"Explorer.from_files({str(scores.resolve())!r}, {str(seqs.resolve())!r}).show(report=False)")
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell(title), nbformat.v4.new_code_cell(code)])
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}

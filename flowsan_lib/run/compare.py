@@ -16,7 +16,7 @@ import altair as alt
 import pandas as pd
 import yaml
 
-from .layout import RunLayout
+from flowsan_lib.core.layout import RunLayout
 
 METHODS = ("flowsan", "ens_avg", "ens_gibbs")
 METHOD_LABEL = {"original": "Original", "flowsan": "FlowSAN", "ens_avg": "Ens-Avg", "ens_gibbs": "Ens-Gibbs"}
@@ -154,10 +154,10 @@ def execute_compare(runs: list[str], out_dir: Path) -> Path:
     """Execute notebooks/07_compare.ipynb on the runs into out_dir, render it to HTML; returns the page."""
     import papermill as pm
 
-    from .kernel import QuietKernelManager
-    from .layout import NOTEBOOK_DIR, PROJECT_ROOT
-    from .report import notebook_to_html
-    from .stage_setup import run_folder
+    from flowsan_lib.core.layout import NOTEBOOK_DIR, PROJECT_ROOT
+    from flowsan_lib.report.html import notebook_to_html
+    from flowsan_lib.run.kernel import QuietKernelManager
+    from flowsan_lib.run.stage_setup import run_folder
     for r in runs:
         load_run(run_folder(r))                          # every run named is finished, before any work
     out_dir = Path(out_dir)

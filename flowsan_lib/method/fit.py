@@ -8,16 +8,15 @@ checkpoints holding the weights, the optimizer state and the parameters that pro
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import time
 from functools import partial
 from pathlib import Path
 from typing import Callable
 
+import fastai.callback.schedule  # noqa: F401  (adds Learner.fit_one_cycle)
 import numpy as np
 import torch
-import fastai.callback.schedule  # noqa: F401  (adds Learner.fit_one_cycle)
 from fastai.callback.core import Callback
 from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
@@ -26,7 +25,8 @@ from fastai.optimizer import Adam
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .device import DeviceError, oom_message, pick_device, resolve_precision  # noqa: F401  (pick_device: one for all)
+from flowsan_lib.core.device import DeviceError, oom_message
+from flowsan_lib.core.seeding import derive_seed
 
 
 def rank() -> int:
@@ -44,14 +44,6 @@ def plain_model(model):
     from torch.nn.parallel import DistributedDataParallel
     return model.module if isinstance(model, DistributedDataParallel) else model
 
-
-def derive_seed(seed: int, *tags) -> int:
-    """A stable 31-bit seed for one random choice, derived from the run seed and names."""
-    h = hashlib.sha256(json.dumps([seed, *tags]).encode()).digest()
-    return int.from_bytes(h[:4], "little") & 0x7FFFFFFF
-
-
-# --- data ------------------------------------------------------------------------------------
 
 class _Rows:
     def __init__(self, n): self.n = n
@@ -118,8 +110,6 @@ def make_dls(train: TensorLoader, valid: TensorLoader, n_inp: int) -> DataLoader
     dls.n_inp = n_inp
     return dls
 
-
-# --- callbacks -------------------------------------------------------------------------------
 
 class EpochSeed(Callback):
     """Seed torch and the training shuffle from (seed, epoch) at the start of every epoch."""
@@ -373,8 +363,6 @@ class Augment(Callback):
         self.learn.xb = (out,) + tuple(self.xb[1:])
 
 
-# --- checkpoints -----------------------------------------------------------------------------
-
 def save_checkpoint(learn: Learner, path: Path, meta: dict) -> None:
     """Model weights (`model.*`), optimizer state (`opt.i.key`), JSON metadata; atomic write."""
     tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in plain_model(learn.model).state_dict().items()}
@@ -425,8 +413,6 @@ def last_checkpoint(folder: Path) -> tuple[int, Path | None]:
     return int(found[-1].stem[5:]), found[-1]
 
 
-# --- learner ---------------------------------------------------------------------------------
-
 def original_adam():
     """Adam as torch's defaults and the original code (betas 0.9/0.999, eps 1e-8, no weight decay)."""
     return partial(Adam, mom=0.9, sqr_mom=0.999, eps=1e-8, wd=0.0)
@@ -440,7 +426,7 @@ def build_learner(model, dls: DataLoaders, loss_func, cbs=(), precision: str = "
     """
     cbs = list(cbs)
     if world() > 1:
-        from .parallel import DataParallel
+        from flowsan_lib.method.parallel import DataParallel
         cbs.append(DataParallel(dls.device))
     if precision == "bf16":
         cbs.append(Autocast())
@@ -484,197 +470,9 @@ def fit_resumable(learn: Learner, epochs: int, lr: float, ckpt_dir: Path, params
     return {"epochs": epochs, "resumed_after": done, "seconds": history_seconds(history)}
 
 
-
-
-
-
-# --- the 03_aux_classifiers stage ------------------------------------------------------------
-
-def gray_batch_fn(gray, y: np.ndarray, rows: np.ndarray, device="cpu"):
-    """Batch builder for classifier training over dataset rows: (x float [B,1,R,R], y long [B]).
-
-    The images stay uint8 on device (the whole training set on a GPU) and become float per batch.
-    gray: uint8 [N,R,R] array or tensor (pass one tensor to share it between loaders).
-    """
-    g = torch.as_tensor(np.ascontiguousarray(gray) if isinstance(gray, np.ndarray) else gray).to(device)
-    t = torch.tensor(np.asarray(y), dtype=torch.int64, device=device)
-    r = torch.tensor(np.asarray(rows), dtype=torch.int64, device=device)
-
-    def fn(idx):
-        sel = r[idx.to(r.device)]
-        return g[sel].float().div(255).unsqueeze(1), t[sel]
-    return fn
-
-
-def train_aux(net, gray: np.ndarray, y: np.ndarray, train_rows, valid_rows, ap, *, seed: int, tag: str,
-              ckpt_dir: Path, history: Path, params: dict, device="cpu", gpus: int = 1) -> dict:
-    """Train one auxiliary gender CNN (fastai one-cycle, CrossEntropy on its two logits), on net's device.
-
-    gpus > 1: data parallel in that many processes (ap.batch_size is the global batch); the weights are
-    read back from the last per-epoch checkpoint.
-    """
-    from .device import require_on
-    device = torch.device(device)
-    require_on(net, device, f"auxiliary classifier {getattr(net, 'name', '')}")
-    if gpus <= 1:
-        return _fit_aux(net, gray, y, train_rows, valid_rows, ap, seed=seed, tag=tag, ckpt_dir=ckpt_dir,
-                        history=history, params=params, device=device)
-    import copy
-
-    from safetensors.torch import load_file
-
-    from .parallel import launch
-    done_before, _ = last_checkpoint(ckpt_dir)
-    launch(_aux_worker, gpus, copy.deepcopy(net).cpu(), np.asarray(gray), np.asarray(y), np.asarray(train_rows),
-           np.asarray(valid_rows), ap, dict(seed=seed, tag=tag, ckpt_dir=ckpt_dir, history=history, params=params),
-           device.type, use_cuda=device.type == "cuda")
-    done, path = last_checkpoint(ckpt_dir)
-    if path is None or done < ap.epochs:
-        raise RuntimeError(f"{tag}: data-parallel training ended without a checkpoint of epoch {ap.epochs}")
-    net.load_state_dict({k[len("model.net."):]: v for k, v in load_file(str(path)).items()
-                         if k.startswith("model.net.")})
-    net.eval()
-    return {"epochs": ap.epochs, "resumed_after": done_before, "seconds": history_seconds(history), "gpus": gpus}
-
-
 def history_seconds(history: Path) -> float:
     """Seconds of every epoch in a History CSV (those before an interruption too)."""
     if not Path(history).exists() or Path(history).stat().st_size == 0:
         return 0.0
     with open(history) as f:
         return round(sum(float(r["seconds"]) for r in csv.DictReader(f)), 3)
-
-
-def _aux_worker(net, gray, y, train_rows, valid_rows, ap, kw: dict, device_type: str):
-    """One data-parallel process of auxiliary-classifier training (parallel.launch)."""
-    device = pick_device(device_type)
-    _fit_aux(net.to(device), gray, y, train_rows, valid_rows, ap, device=device, **kw)
-
-
-def _fit_aux(net, gray, y, train_rows, valid_rows, ap, *, seed: int, tag: str, ckpt_dir: Path, history: Path,
-             params: dict, device) -> dict:
-    from torch import nn
-
-    from .models.aux_cnn import LogitsView
-    g = torch.from_numpy(np.ascontiguousarray(gray)).to(device)       # uint8, once, shared by both loaders
-    tl = TensorLoader(len(train_rows), gray_batch_fn(g, y, train_rows, device), ap.batch_size, shuffle=True,
-                      seed=seed, device=device, rank=rank(), world=world())
-    vl = TensorLoader(len(valid_rows), gray_batch_fn(g, y, valid_rows, device), max(ap.batch_size, 128),
-                      device=device)
-    cbs = [Augment(seed)] if ap.augment else []
-    if device.type == "cuda":
-        net.to(memory_format=torch.channels_last)
-    learn = build_learner(LogitsView(net), make_dls(tl, vl, n_inp=1), nn.CrossEntropyLoss(), cbs,
-                          precision=resolve_precision(getattr(ap, "precision", "fp32"), device))
-    summary = fit_resumable(learn, ap.epochs, ap.lr, ckpt_dir, params, tag, history, seed, one_cycle=True,
-                            batch_param="aux.batch_size")
-    net.eval()
-    return summary
-
-
-@torch.no_grad()
-def predict_p_male(net, gray: np.ndarray, bs: int = 256) -> np.ndarray:
-    """P(male) of a classifier on uint8 faces, computed on the classifier's device."""
-    from .device import module_device
-    net.eval()
-    at = module_device(net)
-    x = torch.from_numpy(np.ascontiguousarray(gray))
-    return torch.cat([net(x[i:i + bs].to(at).float().div(255).unsqueeze(1)).float().cpu()
-                      for i in range(0, len(x), bs)]).numpy()
-
-
-def disagreement(p: np.ndarray) -> dict:
-    """Pairwise share of faces on which two classifiers' hard labels (P > 0.5) differ."""
-    lab = p > 0.5
-    return {f"G{i + 1:02d}-G{j + 1:02d}": float((lab[i] != lab[j]).mean())
-            for i in range(len(p)) for j in range(i + 1, len(p))}
-
-
-def run_aux_stage(P, *, faces: Path, out: Path) -> dict:
-    """n race-resampled auxiliary gender CNNs (faces: the 01_data folder) -> auxNN.safetensors, history, metrics.json."""
-    import dataclasses
-
-    from .data import load_faces
-    from .evaluate.metrics import roc_auc
-    from .models.aux_cnn import AuxGenderCNN, load_aux, save_aux
-    from .resample import resampled_sets
-    t_start = time.time()
-    stage_dir, ap, device = Path(out), P.aux, pick_device(P.device)  # decided once; everything is created on it
-    fs = load_faces(faces)
-    tab = fs.table
-    y = tab["gender"].to_numpy()
-    rows = {s: np.flatnonzero((tab["split"].to_numpy() == s) & (y >= 0)) for s in ("train", "val", "test")}
-    for s, r in rows.items():
-        if len(r) == 0:
-            raise ValueError(f"the {s} split has no labelled face: cannot train auxiliary classifiers")
-    sets, info = resampled_sets(rows["train"], tab["race"].to_numpy()[rows["train"]], ap.n_classifiers,
-                                ap.subset_frac, ap.replicate, derive_seed(P.seed, "resample"))
-    base = {"seed": P.seed, "resolution": fs.resolution, "aux": dataclasses.asdict(ap)}
-    base["aux"].pop("epochs")
-    (stage_dir / "history").mkdir(parents=True, exist_ok=True)
-    nets, seconds = [], []
-    for i, train_rows in enumerate(sets, 1):
-        path = stage_dir / f"aux{i:02d}.safetensors"
-        params = {**base, "classifier": i}
-        if path.exists():
-            net = load_aux(path, device)
-            if net.provenance.get("params") != params:
-                raise ValueError(f"{path} was trained with different parameters; delete it to retrain")
-            print(f"[aux G{i:02d}] done earlier ({path.name}); loaded", flush=True)
-            nets.append(net)
-            seconds.append(net.provenance.get("seconds", 0.0))
-            continue
-        seed = derive_seed(P.seed, "aux", i)
-        torch.manual_seed(seed)
-        net = AuxGenderCNN(fs.resolution, ap.arch, name=f"G{i:02d}").to(device)  # CPU init, then on device
-        s = train_aux(net, fs.gray, y, train_rows, rows["val"], ap, seed=seed, tag=f"aux G{i:02d}",
-                      ckpt_dir=stage_dir / "checkpoints" / f"aux{i:02d}",
-                      history=stage_dir / "history" / f"aux{i:02d}.csv", params=params, device=device, gpus=P.gpus)
-        net.provenance = {"stage": "03_aux_classifiers", "params": params, "seconds": s["seconds"],
-                          "train_size": int(len(train_rows))}
-        save_aux(net, path)
-        nets.append(load_aux(path, device))
-        seconds.append(s["seconds"])
-    p_val = np.stack([predict_p_male(n, fs.gray[rows["val"]]) for n in nets])
-    p_test = np.stack([predict_p_male(n, fs.gray[rows["test"]]) for n in nets])
-    metrics = {
-        "n_classifiers": ap.n_classifiers, "arch": ap.arch, "resolution": fs.resolution,
-        "n_train": int(len(rows["train"])), "n_val": int(len(rows["val"])), "n_test": int(len(rows["test"])),
-        "resampling": info,
-        "val_auc": {f"G{i:02d}": float(roc_auc(p, y[rows["val"]])) for i, p in enumerate(p_val, 1)},
-        "test_auc": {f"G{i:02d}": float(roc_auc(p, y[rows["test"]])) for i, p in enumerate(p_test, 1)},
-        "val_disagreement": disagreement(p_val),
-        "seconds": {"train": seconds, "total": round(time.time() - t_start, 2)},
-    }
-    (stage_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    return metrics
-
-
-# --- display helpers for the notebooks ---------------------------------------------------------
-
-def read_histories(paths):
-    """Long table (run, epoch, split, term, value) of History CSV files, run = file stem."""
-    import pandas as pd
-    frames = []
-    for p in paths:
-        p = Path(p)
-        if not p.exists() or p.stat().st_size == 0:
-            continue
-        h = pd.read_csv(p).drop(columns=["seconds"], errors="ignore").melt("epoch", var_name="key")
-        h[["split", "term"]] = h["key"].str.split("_", n=1, expand=True)
-        h["run"] = p.stem
-        frames.append(h.drop(columns="key"))
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
-        columns=["epoch", "value", "split", "term", "run"])
-
-
-def history_chart(paths, terms=None):
-    """Altair small multiples: one panel per loss term, one line per run, dashed = validation."""
-    import altair as alt
-    h = read_histories(paths)
-    if terms:
-        h = h[h["term"].isin(terms)]
-    return alt.Chart(h).mark_line(point=True).encode(
-        x="epoch:Q", y=alt.Y("value:Q", title=None), color="run:N", strokeDash="split:N",
-        tooltip=["run", "split", "term", "epoch", "value"],
-    ).properties(width=220, height=150).facet(facet="term:N", columns=4).resolve_scale(y="independent")

@@ -8,7 +8,7 @@ from pathlib import Path
 import nbformat
 import yaml
 
-from .layout import RUN_FOLDERS
+from flowsan_lib.core.layout import RUN_FOLDERS
 
 WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
 SCRIPT_RE = re.compile(r"<script\b[^>]*>.*?</script>", re.S | re.I)
@@ -50,7 +50,8 @@ def machine_prefixes(run_dir: Path | None = None) -> list[tuple[str, str]]:
     import sys
     import sysconfig
     import tempfile
-    from .layout import PROJECT_ROOT
+
+    from flowsan_lib.core.layout import PROJECT_ROOT
     pairs = [(sysconfig.get_paths()["purelib"], "<site-packages>"), (sysconfig.get_paths()["stdlib"], "<python>"),
              (str(PROJECT_ROOT), "<project>"), (sys.prefix, "<python>"), (str(Path.home()), "~"),
              (tempfile.gettempdir(), "<tmp>")]                  # IPython names a cell's code /tmp/ipykernel_*/N.py
@@ -138,7 +139,7 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 def param_changes(run_dir: Path, preset: str) -> list[tuple[str, object, object]] | None:
     """(key, preset value, run value) for every parameter the run changed; None when the preset is unknown."""
-    from . import config
+    from flowsan_lib.core import config
     try:
         base = _flat(config.to_dict(config.load(preset)))
     except (ValueError, OSError):
@@ -150,7 +151,8 @@ def param_changes(run_dir: Path, preset: str) -> list[tuple[str, object, object]
 def code_commit() -> str:
     """The project's git commit (with '+ local changes' when the library or notebooks differ), else 'unknown'."""
     import subprocess
-    from .layout import PROJECT_ROOT
+
+    from flowsan_lib.core.layout import PROJECT_ROOT
     try:
         git = lambda *a: subprocess.run(["git", *a], cwd=PROJECT_ROOT, capture_output=True, text=True,
                                         timeout=10, check=True).stdout.strip()
@@ -174,8 +176,8 @@ def package_versions(names=("torch", "fastai", "numpy")) -> dict[str, str]:
 
 def inline_svg(chart) -> str:
     """An altair chart as inline SVG (vl-convert, offline), without the XML prolog."""
-    from . import viz
-    svg = viz.to_svg(chart)
+    from flowsan_lib.viz import charts
+    svg = charts.to_svg(chart)
     return svg[svg.index("<svg"):]
 
 
@@ -211,15 +213,16 @@ def run_warnings(ev: dict) -> list[str]:
 def _sample_strip(run_dir: Path, out: Path, seed: int) -> str | None:
     """Write report/samples.png (original, FlowSAN t = 1..n, Ens-Avg) and return its file name."""
     import numpy as np
-    from . import viz
-    from .methods import load_sequences
+
+    from flowsan_lib.method.apply import load_sequences
+    from flowsan_lib.viz import charts
     npz = run_dir / "04_flowsan" / "outputs_test.npz"
     if not npz.exists():
         return None
     seq = load_sequences(npz)
     with np.load(npz, allow_pickle=False) as z:
         is_male = z["gender"] == 1
-    viz.sample_strip(seq, is_male, seed=seed).save(out / "samples.png")
+    charts.sample_strip(seq, is_male, seed=seed).save(out / "samples.png")
     return "samples.png"
 
 
@@ -242,7 +245,8 @@ STYLE = ("body{font-family:sans-serif;max-width:72em;margin:2em auto;padding:0 1
 
 def index_page(run_dir: Path, pages: dict[str, Path], out: Path | None = None) -> str:
     """The run's front page (see build_report); writes report/samples.png into `out` when given."""
-    from . import runs, viz
+    from flowsan_lib.report import runs
+    from flowsan_lib.viz import charts
     esc = html.escape
     params = yaml.safe_load((run_dir / "params.yaml").read_text()) if (run_dir / "params.yaml").exists() else {}
     params = params or {}
@@ -287,7 +291,7 @@ def index_page(run_dir: Path, pages: dict[str, Path], out: Path | None = None) -
 
     # headline table
     parts.append("<h2>Headline: paper Table 3</h2>")
-    t3 = viz.table3(ev) if ev else None
+    t3 = charts.table3(ev) if ev else None
     if t3 is not None and not t3.empty:
         cols = [c for c in ("mean eer", "mean auc", "mean auc_dev", "mean tmr_at_fmr_0.001", "tmr_retention")
                 if c in t3.columns]
@@ -304,14 +308,14 @@ def index_page(run_dir: Path, pages: dict[str, Path], out: Path | None = None) -
 
     # figures
     if ev:
-        seen = viz.privacy_utility_frame(ev).empty and not viz.privacy_utility_frame(ev, seen_matchers=True).empty
-        figs = [("privacy-utility", viz.privacy_utility(ev, seen_matchers=seen),
+        seen = charts.privacy_utility_frame(ev).empty and not charts.privacy_utility_frame(ev, seen_matchers=True).empty
+        figs = [("privacy-utility", charts.privacy_utility(ev, seen_matchers=seen),
                  "Privacy vs utility: each point a method at stage t." + (
                      " This run has no unseen matcher with genuine pairs: utility is measured with the seen "
                      "matchers (the SANs were trained to preserve them), an optimistic view." if seen else "")),
-                ("auc-vs-t", viz.gender_vs_t(ev, "auc"), "ROC AUC of unseen gender classifiers vs stage t "
+                ("auc-vs-t", charts.gender_vs_t(ev, "auc"), "ROC AUC of unseen gender classifiers vs stage t "
                  "(paper Fig. 6)."),
-                ("tmr-vs-t", viz.tmr_vs_t(ev, "0.001", "different_image"), "TMR at FMR 0.1% of the matchers vs "
+                ("tmr-vs-t", charts.tmr_vs_t(ev, "0.001", "different_image"), "TMR at FMR 0.1% of the matchers vs "
                  "stage t (paper Fig. 8).")]
         parts.append("<h2>Figures</h2>")
         for fid, chart, cap in figs:

@@ -18,7 +18,7 @@ import socket
 import torch
 from fastai.distributed import DistributedTrainer
 
-from .device import DeviceError
+from flowsan_lib.core.device import DeviceError
 
 
 class DataParallel(DistributedTrainer):

@@ -5,7 +5,7 @@ Inputs: the data stage's faces (`flowsan_lib.data.load_faces`) and the FlowSAN s
 
 - `metrics.json`: every number, schema below.
 - `scores.npz`: the precomputed arrays the explorer (06) and any re-analysis read (keys below).
-- `figures/*.svg|png` and `tables/*.csv`: written by `flowsan_lib.viz`.
+- `figures/*.svg|png` and `tables/*.csv`: written by `flowsan_lib.viz.charts`.
 - `inhouse/*.safetensors`: the in-house CNNs.
 
 Methods: `original` (t = 0 only), `flowsan` (I'_t = Psi(I, t)), `ens_avg` (pixel mean of the
@@ -50,11 +50,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..device import pick_device
-from ..methods import Sequences, ens_avg, ens_best_choice, ens_gibbs, load_sequences
-from . import metrics as M
-from . import pairs as pairs_mod
-from . import suite
+from flowsan_lib.core.device import pick_device
+from flowsan_lib.evaluate import metrics as M
+from flowsan_lib.evaluate import pairs as pairs_mod
+from flowsan_lib.evaluate import suite
+from flowsan_lib.method.apply import Sequences, ens_avg, ens_best_choice, ens_gibbs, load_sequences
 
 SCHEMA = "flowsan-evaluate/1"
 METHODS = ("original", "flowsan", "ens_avg", "ens_gibbs", "ens_best")
@@ -335,7 +335,7 @@ def build_metrics(res: Results, setup: dict, test_info: dict, clf_info: dict, ma
 
 def lfw_pair_table(paths):
     """The LFW pairs table of the LFW folder holding these image paths (<root>/<images>/<Name>/<file>), or None."""
-    from ..data import adapters
+    from flowsan_lib.data import adapters
     for root in dict.fromkeys(Path(p).parents[2] for p in paths if len(Path(p).parents) > 2):
         try:
             return adapters.load_lfw_pairs(root)
@@ -375,8 +375,8 @@ def run_evaluate_stage(P, *, faces: Path, aux: Path, test_outputs: Path, flowsan
     faces: the 01_data folder; aux: the 03 folder (seen classifiers, flagged); test_outputs: 04's
     outputs_test.npz; flowsan_model: 04's FlowSAN model folder (for the adaptive attacker); out: where to write.
     """
-    from .. import viz
-    from ..data import load_faces
+    from flowsan_lib.data import load_faces
+    from flowsan_lib.viz import charts
 
     t_start = time.time()
     stage_dir = Path(out)
@@ -444,7 +444,7 @@ def run_evaluate_stage(P, *, faces: Path, aux: Path, test_outputs: Path, flowsan
 
     attacks_out = {}
     if P.evaluate.attacks:
-        from . import attacks
+        from flowsan_lib.evaluate import attacks
         attacks_out = attacks.run_attacks(P, flowsan_model, faces, seq, images, test_sets, d_sets, matchers,
                                           boots, stage_dir, device, log)
     setup = {"schema": SCHEMA, "n_stages": n, "n_test_images": N, "seed": P.seed,
@@ -461,7 +461,7 @@ def run_evaluate_stage(P, *, faces: Path, aux: Path, test_outputs: Path, flowsan
     save_scores(stage_dir / "scores.npz", images, test_sets, methods, match_methods, p_male, best_choice,
                 gibbs, d_sets, pairs_by_ts, raw, classifiers, matchers, n)
     (stage_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, allow_nan=False))
-    viz.write_evaluation_figures(metrics, seq, images, test_sets, gibbs, stage_dir, seed=P.seed)
+    charts.write_evaluation_figures(metrics, seq, images, test_sets, gibbs, stage_dir, seed=P.seed)
     log(f"evaluation done in {time.time() - t_start:.0f} s")
     return metrics
 

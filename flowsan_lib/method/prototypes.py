@@ -7,7 +7,6 @@ female and 1 male, the same coding as the gender labels, so `protos[y]` is the s
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,8 +59,6 @@ def select_channels(protos: dict, channels: int) -> torch.Tensor:
         raise ValueError(f"prototype channels must be 1 or 3, got {channels}")
     return protos["gray" if channels == 1 else "rgb"]
 
-
-# --- warping onto landmarks ------------------------------------------------------------------
 
 def _anchors(resolution: int) -> np.ndarray:
     """Fixed border points (corners, edge midpoints) so the piecewise-affine mesh covers the image."""
@@ -174,62 +171,3 @@ def make_bank(protos: dict, channels: int, warp: bool, landmarks: np.ndarray | N
     if landmarks is None:
         raise ValueError("prototype warping needs each face's 5 landmarks")
     return ProtoBank(shared, warp_prototypes(shared, protos["landmarks"], np.asarray(landmarks)))
-
-
-# --- the 02_prototypes stage -----------------------------------------------------------------
-
-def _to_uint8_hwc(img: torch.Tensor) -> np.ndarray:
-    a = np.clip(np.rint(img.numpy() * 255), 0, 255).astype(np.uint8)
-    return np.repeat(a[0][..., None], 3, -1) if a.shape[0] == 1 else a.transpose(1, 2, 0)
-
-
-def image_grid(rows: list[list[np.ndarray]], scale: int = 1, pad: int = 2) -> np.ndarray:
-    """Tile uint8 HxW or HxWx3 images into one RGB grid (white padding)."""
-    cells = [[np.repeat(c[..., None], 3, -1) if c.ndim == 2 else c for c in row] for row in rows]
-    h = max(c.shape[0] for row in cells for c in row)
-    w = max(c.shape[1] for row in cells for c in row)
-    ncol = max(len(r) for r in cells)
-    grid = np.full((len(cells) * (h + pad) + pad, ncol * (w + pad) + pad, 3), 255, np.uint8)
-    for i, row in enumerate(cells):
-        for j, c in enumerate(row):
-            y, x = pad + i * (h + pad), pad + j * (w + pad)
-            grid[y:y + c.shape[0], x:x + c.shape[1]] = c
-    return grid.repeat(scale, 0).repeat(scale, 1) if scale > 1 else grid
-
-
-def save_png(img: np.ndarray, path: Path) -> None:
-    from PIL import Image
-    Image.fromarray(img).save(path)
-
-
-def run_prototypes_stage(P, *, faces: Path, out: Path) -> dict:
-    """Mean faces of the training split (faces: the 01_data folder) -> prototypes.safetensors, .png, metrics.json."""
-    from .data import load_faces
-    stage_dir = Path(out)
-    t0 = time.time()
-    fs = load_faces(faces)
-    train = (fs.table["split"] == "train").to_numpy()
-    g = fs.table["gender"].to_numpy()
-    labelled = train & (g >= 0)
-    mf = mean_faces(fs.gray[labelled], fs.rgb[labelled], fs.landmarks[labelled], g[labelled])
-    t = mf["tensors"]
-    r = fs.gray.shape[-1]
-    meta = {"resolution": r, "split": "train", "counts": mf["counts"], "index": list(GENDERS)}
-    save_prototypes(t, stage_dir / "prototypes.safetensors", meta)
-    scale = max(1, 128 // r)
-    save_png(image_grid([[_to_uint8_hwc(t["gray"][k]) for k in (0, 1)] + [_to_uint8_hwc(t["rgb"][k]) for k in (0, 1)]],
-                        scale), stage_dir / "prototypes.png")
-    metrics = {"resolution": r, "n_female": mf["counts"]["female"], "n_male": mf["counts"]["male"],
-               "channels_used": P.prototypes.channels, "warp": P.prototypes.warp,
-               "gray_abs_diff_male_female": float((t["gray"][1] - t["gray"][0]).abs().mean())}
-    # Show the warp on a few faces of each gender, whatever the setting, so its effect can be judged.
-    demo = np.flatnonzero(train)[:6]
-    if len(demo):
-        warped = warp_prototypes(t["gray"], t["landmarks"], fs.landmarks[demo]).float() / 255
-        rows = [[fs.gray[i] for i in demo],
-                [_to_uint8_hwc(warped[k, 0]) for k in range(len(demo))],
-                [_to_uint8_hwc(warped[k, 1]) for k in range(len(demo))]]
-        save_png(image_grid(rows, scale), stage_dir / "prototypes_warped.png")
-    metrics["seconds"] = round(time.time() - t0, 2)
-    (stage_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    return metrics

@@ -13,10 +13,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .device import autocast, module_device, require_on, resolve_precision, same_device
-from .models.san import SAN
-from .prototypes import ProtoBank
-from .train import derive_seed
+from flowsan_lib.core.device import autocast, module_device, require_on, resolve_precision, same_device
+from flowsan_lib.core.seeding import derive_seed
+from flowsan_lib.method.prototypes import ProtoBank
+from flowsan_lib.models.san import SAN
+
 
 def to_images(gray: np.ndarray) -> torch.Tensor:
     """uint8 [N,R,R] -> float [N,1,R,R] in [0,1]."""

@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PRESET ?= quick
 
-.PHONY: main test setup fetch clean-venv
+.PHONY: main test test-fast setup fetch clean-venv
 
 setup: $(STAMP)
 
@@ -26,6 +26,10 @@ main: fetch
 
 test: fetch
 	$(PY) -m pytest -q tests
+
+# The inner loop: everything but the smoke-run, browser and other slow tests (a few minutes on 2 cores).
+test-fast: fetch
+	$(PY) -m pytest -q -m "not slow and not browser" tests
 
 clean-venv:
 	rm -rf $(VENV)

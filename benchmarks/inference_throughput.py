@@ -118,7 +118,7 @@ def sample_folder(dest: Path, n_images: int) -> tuple[Path, Path]:
 
 def folder_rows(resolution: int, n_stages: int, n_images: int, tmp: Path) -> list[dict]:
     """images/s of `anonymize_folder` (photos in, PNG crops out) for n = 1..n_stages, plus alignment only."""
-    from flowsan_lib.anonymize import anonymize_folder, list_images
+    from flowsan_lib.anonymize import AnonymizeJob, anonymize_folder, list_images
     from flowsan_lib.data import align_image
     images, labels = sample_folder(tmp / "folder_in", n_images)
     files = list_images(images)
@@ -135,7 +135,7 @@ def folder_rows(resolution: int, n_stages: int, n_images: int, tmp: Path) -> lis
     for n in range(1, n_stages + 1):
         out = tmp / f"folder_out_{n}"
         t0, c0 = time.perf_counter(), time.process_time()
-        summary = anonymize_folder(model, images, out, stages=n, labels_csv=labels)
+        summary = anonymize_folder(AnonymizeJob(model, images, out, stages=n, labels_csv=labels))
         secs, cpu = time.perf_counter() - t0, time.process_time() - c0
         rows.append({"mode": "folder", "resolution": resolution, "n": n, "images": len(files), "ok": summary["ok"],
                      "seconds": secs, "images_per_s": len(files) / secs, "images_per_cpu_s": len(files) / cpu,

@@ -177,8 +177,9 @@ def time_fastai(v: dict, faces: common.Faces, san, aux, matcher, device, steps: 
     """Step end times of `flow.train_san` (the path 04_flowsan uses), cancelled after the last step."""
     from fastai.callback.core import Callback, CancelFitException
 
+    from flowsan_lib.method.fit import FitFiles
     from flowsan_lib.method.prototypes import make_bank
-    from flowsan_lib.method.san_training import StageData, descriptors, train_san
+    from flowsan_lib.method.san_training import SanFit, StageData, descriptors, train_san
 
     class StepTimer(Callback):
         order = 100  # after every other after_batch callback (history, NaN guard, progress)
@@ -203,8 +204,8 @@ def time_fastai(v: dict, faces: common.Faces, san, aux, matcher, device, steps: 
     timer = StepTimer()
     with tempfile.TemporaryDirectory() as tmp:
         valid = StageData(f.x[:bs], f.x[:bs], desc[:bs], f.y[:bs], bank).to(device)
-        train_san(san, train, valid, aux, matcher, sp, seed=0, tag="bench", ckpt_dir=Path(tmp) / "ckpt",
-                  history=Path(tmp) / "history.csv", params={}, device=device, extra_cbs=[timer])
+        files = FitFiles("bench", Path(tmp) / "ckpt", Path(tmp) / "history.csv", {})
+        train_san(san, train, valid, aux, matcher, SanFit(sp, 0, files, torch.device(device), extra_cbs=(timer,)))
     return timer.times
 
 

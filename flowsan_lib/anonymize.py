@@ -17,9 +17,9 @@ output present, same label) and does the rest. `anonymize.json` holds the settin
 re-run with another model, stage count or label mode is refused rather than mixed in.
 
 A SAN needs each subject's gender to choose the opposite prototype. Either pass a CSV with columns
-`file,gender` (file = path relative to INPUT_DIR or bare file name; gender 1/0, male/female, m/f), or
-use the label-free mode, which takes the label from the model's auxiliary classifier G_1 (P(male) >
-0.5 on the aligned crop). Label-free mode is only as good as G_1: a wrong label picks the wrong
+`file,gender` (file = path relative to INPUT_DIR or bare file name; gender 1/0, male/female, m/f or
+man/woman), or use the label-free mode, which takes the label from the model's auxiliary classifier G_1
+(P(male) > 0.5 on the aligned crop). Label-free mode is only as good as G_1: a wrong label picks the wrong
 prototype pair, and the output then pushes the face TOWARDS its own gender.
 """
 from __future__ import annotations
@@ -35,14 +35,14 @@ import sys
 import time
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from flowsan_lib.core.integrity import IntegrityError, atomic_path, atomic_write_text, confined, sha256_file
-from flowsan_lib.data.adapters import IMAGE_EXTS
+from flowsan_lib.data.adapters import GENDER_WORDS, IMAGE_EXTS
 
-GENDER_WORDS = {"1": 1, "0": 0, "male": 1, "female": 0, "m": 1, "f": 0}
 REPORT, SETTINGS = "anonymize.csv", "anonymize.json"
 FIELDS = ["file", "status", "reason", "detail", "output", "gender", "gender_source", "p_male_aux", "stages",
           "n_faces", "scale", "source_sha256"]
@@ -116,7 +116,7 @@ def read_labels(labels_csv: Path, files: list[Path]) -> dict[Path, int]:
     for f, g in zip(table["file"], table["gender"]):
         code = GENDER_WORDS.get(g.strip().lower())
         if code is None:
-            raise AnonymizeError(f"{labels_csv}: gender {g!r} of {f!r} is not 1/0, male/female or m/f")
+            raise AnonymizeError(f"{labels_csv}: gender {g!r} of {f!r} is not 1/0, male/female, m/f or man/woman")
         by_key[f.strip()] = code
     out, missing = {}, []
     for f in files:
@@ -287,74 +287,88 @@ class _Progress:
 
 # --- the command ----------------------------------------------------------------------------------
 
-def _perturb(m, x, y, lms, t: int, device):
-    """Psi(I, t) for FlowSAN, Ens-Avg of t members for an ensemble (FlowModel.anonymize's methods), with
-    the device the model was loaded on passed through."""
-    from flowsan_lib.method.apply import ens_avg, flow_sequence, member_outputs
-    m.check_images(x)
-    bank, y = m.bank(lms), m.prototype_labels(y)
-    if m.kind == "flowsan":
-        return flow_sequence(m.stages, x, bank, y, t, device=device)[-1]
-    return ens_avg(member_outputs(m.stages, x, bank, y, t, device=device), t)
-
-
 def default_workers() -> int:
     return max(1, min(2, os.cpu_count() or 1))
 
 
-def anonymize_folder(model, input_dir, output_dir, stages: int | None = None, labels_csv=None,
-                     label_free: bool = False, upsample: int = 1, workers: int | None = None,
-                     batch_size: int = 32, device="auto", progress=True) -> dict:
-    """Perturb the faces of every image in input_dir into output_dir, streaming; returns a summary.
+@dataclass(frozen=True)
+class AnonymizeJob:
+    """One `flowsan anonymize`: which model perturbs which folder into which, and how.
 
-    workers: processes that read and align (default min(2, cores); 0 = in this process).
+    stages: how many stages to apply (default all). labels_csv / label_free: where each face's gender
+    comes from (exactly one). upsample: dlib's detector upsampling. workers: processes that read and align
+    (default min(2, cores); 0 = in this process). device: "auto", "cpu", "cuda", ... or a torch.device.
+    """
+    model: Path
+    input_dir: Path
+    output_dir: Path
+    stages: int | None = None
+    labels_csv: Path | None = None
+    label_free: bool = False
+    upsample: int = 1
+    workers: int | None = None
+    batch_size: int = 32
+    device: str = "auto"                 # or a torch.device
+
+    def check(self) -> None:
+        """Refuse settings that cannot work, before anything is read or written."""
+        if self.labels_csv is None and not self.label_free:
+            raise AnonymizeError("a SAN needs each face's gender to pick the opposite prototype: pass --labels "
+                                 "CSV (columns file,gender) or --label-free to use the model's auxiliary "
+                                 "classifier")
+        if self.labels_csv is not None and self.label_free:
+            raise AnonymizeError("choose either --labels or --label-free, not both")
+        b, w = self.batch_size, self.workers
+        if isinstance(b, bool) or not isinstance(b, int) or b < 1:
+            raise AnonymizeError(f"--batch-size must be an integer >= 1 (got {b!r})")
+        if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 0):
+            raise AnonymizeError(f"--workers must be an integer >= 0 (got {w!r}; 0 = align in this process)")
+
+
+def anonymize_folder(job: AnonymizeJob, progress=True) -> dict:
+    """Perturb the faces of every image in job.input_dir into job.output_dir, streaming; returns a summary.
+
     progress: True = progress lines on stderr, a stream = there, None/False = silent.
     """
     t0 = time.time()
-    if labels_csv is None and not label_free:
-        raise AnonymizeError("a SAN needs each face's gender to pick the opposite prototype: pass --labels "
-                             "CSV (columns file,gender) or --label-free to use the model's auxiliary classifier")
-    if labels_csv is not None and label_free:
-        raise AnonymizeError("choose either --labels or --label-free, not both")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise AnonymizeError(f"--batch-size must be an integer >= 1 (got {batch_size!r})")
-    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
-        raise AnonymizeError(f"--workers must be an integer >= 0 (got {workers!r}; 0 = align in this process)")
-    input_dir, output_dir = check_folders(input_dir, output_dir)
+    job.check()
+    input_dir, output_dir = check_folders(job.input_dir, job.output_dir)
     progress = sys.stderr if progress is True else (progress or None)
-    workers = default_workers() if workers is None else int(workers)
+    workers = default_workers() if job.workers is None else int(job.workers)
+    job = replace(job, input_dir=input_dir, output_dir=output_dir, workers=workers)
     files = list_images(input_dir)
     say = (lambda s: print(s, file=progress, flush=True)) if progress is not None else (lambda s: None)
-    say(f"anonymize: {len(files)} images in {input_dir}; loading model {model}")
+    say(f"anonymize: {len(files)} images in {input_dir}; loading model {job.model}")
     if len({output_name(f).as_posix().lower() for f in files}) != len(files):
         raise AnonymizeError(f"{input_dir} holds file names that differ only in case; their outputs would collide "
                              "on case-insensitive disks: rename them")
-    labels = read_labels(labels_csv, files) if labels_csv is not None else {}
+    labels = read_labels(job.labels_csv, files) if job.labels_csv is not None else {}
 
     # The pool starts before torch is imported, so the forked workers stay small.
     ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context("spawn")
     pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init) if workers > 0 else _Inline()
     pool.submit(int)  # launches the worker processes now
     try:
-        return _run(pool, model, input_dir, output_dir, files, labels, stages, label_free, upsample, workers,
-                    batch_size, device, progress, t0)
+        return _run(pool, job, files, labels, progress, t0)
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _run(pool, model, input_dir, output_dir, files, labels, stages, label_free, upsample, workers,
-         batch_size, device, progress, t0) -> dict:
+def _run(pool, job: AnonymizeJob, files: list[Path], labels: dict[Path, int], progress, t0: float) -> dict:
+    """The streaming loop of anonymize_folder (job: folders resolved, workers set)."""
     import torch
 
+    from flowsan_lib.core.device import pick_device
     from flowsan_lib.data.align import PREDICTOR_FILE
     from flowsan_lib.method.apply import to_images, to_uint8
-    from flowsan_lib.method.fit import pick_device
     from flowsan_lib.method.modelio import ModelError, load_model
     from flowsan_lib.models.fetch import weight_path
+    model, input_dir, output_dir, label_free = job.model, job.input_dir, job.output_dir, job.label_free
+    upsample, workers, batch_size, device = job.upsample, job.workers, job.batch_size, job.device
     weight_path(PREDICTOR_FILE)   # hash-checked before any work: a damaged predictor is one message, not N rows
     dev = pick_device(device) if isinstance(device, str) else torch.device(device)
     m = load_model(Path(model), device=dev)
-    t = len(m.stages) if stages is None else int(stages)
+    t = len(m.stages) if job.stages is None else int(job.stages)
     if not 1 <= t <= len(m.stages):
         raise ModelError(f"model {model} has {len(m.stages)} stages; --stages must be between 1 and {len(m.stages)}")
     if label_free and m.aux is None:
@@ -406,11 +420,11 @@ def _run(pool, model, input_dir, output_dir, files, labels, stages, label_free, 
                 lms = np.stack([r["lm"] for r in faces])
                 with torch.no_grad():
                     if label_free:
-                        p = m.aux(x.to(dev)).float().cpu()
-                        y = (p > 0.5).float()
+                        p = m.aux_p_male(x.to(dev))
+                        y = torch.from_numpy(p > 0.5).float()
                     else:
                         y = torch.tensor([labels[Path(r["file"])] for r in faces], dtype=torch.float32)
-                    out = to_uint8(_perturb(m, x, y, lms, t, dev).cpu())
+                    out = to_uint8(m.anonymize(x, y, lms, t, device=dev).cpu())
                 for k, (r, img) in enumerate(zip(faces, out)):
                     rel = output_name(Path(r["file"]))
                     try:

@@ -29,9 +29,9 @@ def _overrides(pairs: list[str]) -> dict:
 
 def cmd_run(a) -> int:
     from flowsan_lib.run import pipeline
-    res = pipeline.run(a.preset, run_name=a.run_name, only=a.only, from_stage=a.from_stage, until=a.until,
-                       overrides=_overrides(a.set), force=a.force, gpus=a.gpus,
-                       reuse_from=tuple(Path(p) for p in a.reuse_from or ()))
+    res = pipeline.run(pipeline.RunRequest(a.preset, run_name=a.run_name, only=a.only, from_stage=a.from_stage,
+                                           until=a.until, overrides=_overrides(a.set), force=a.force, gpus=a.gpus,
+                                           reuse_from=tuple(Path(p) for p in a.reuse_from or ())))
     reused = f"; reused: {', '.join(res.reused)}" if res.reused else ""
     print(f"ran: {', '.join(res.ran) or 'nothing'}; up to date: {', '.join(res.skipped) or 'none'}{reused}")
     print(res.report)
@@ -81,11 +81,11 @@ def cmd_fetch(a) -> int:
 
 
 def cmd_anonymize(a) -> int:
-    from flowsan_lib.anonymize import anonymize_folder
+    from flowsan_lib.anonymize import AnonymizeJob, anonymize_folder
+    job = AnonymizeJob(a.model, a.input_dir, a.output_dir, stages=a.stages, labels_csv=a.labels,
+                       label_free=a.label_free, workers=a.workers, batch_size=a.batch_size, device=a.device)
     try:
-        summary = anonymize_folder(a.model, a.input_dir, a.output_dir, stages=a.stages, labels_csv=a.labels,
-                                   label_free=a.label_free, workers=a.workers, batch_size=a.batch_size,
-                                   device=a.device)
+        summary = anonymize_folder(job)
     except KeyboardInterrupt:  # the outputs and anonymize.csv are consistent; the message says so
         return 130
     print(summary)

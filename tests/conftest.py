@@ -149,4 +149,16 @@ def smoke_run(tmp_path_factory):
     """The real pipeline on the `smoke` preset, run once per test session into a temporary outputs folder;
     shared by test_smoke_run and the report and explorer tests. Returns pipeline.RunResult."""
     from flowsan_lib.run import pipeline
-    return pipeline.run("smoke", output_dir=tmp_path_factory.mktemp("outputs"))
+    return pipeline.run("smoke", pipeline.RunOptions(output_dir=tmp_path_factory.mktemp("outputs")))
+
+
+def pytest_collection_modifyitems(config, items):
+    """RunIf-style markers that mark and skip at once: a test that uses the smoke run is `slow`; a `cuda`
+    test is skipped where torch sees no GPU (so `-m cuda` on a GPU machine runs exactly the GPU tests)."""
+    import torch
+    no_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "smoke_run" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+        if item.get_closest_marker("cuda") and not torch.cuda.is_available():
+            item.add_marker(no_gpu)

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from flowsan_lib import anonymize as anon
-from flowsan_lib.anonymize import AnonymizeError, anonymize_folder
+from flowsan_lib.anonymize import AnonymizeError, AnonymizeJob, anonymize_folder
 from flowsan_lib.core.integrity import hash_tree, sha256_file
 from flowsan_lib.data.align import MAX_SIDE, align_image, downscale, read_rgb
 from flowsan_lib.method.modelio import ModelError, load_model, save_model, save_san
@@ -61,7 +61,7 @@ def test_output_in_or_around_the_input_is_refused_and_nothing_changes(model_dir,
     before = hash_tree(tmp_path / "photos")
     out = {"same": src, "inside": src / "sub" / "out", "parent": tmp_path / "photos"}[where]
     with pytest.raises(AnonymizeError) as e:
-        anonymize_folder(model_dir, src, out, label_free=True, workers=0, progress=None)
+        anonymize_folder(AnonymizeJob(model_dir, src, out, label_free=True, workers=0), progress=None)
     assert str(src.resolve()) in str(e.value) and str(out.resolve()) in str(e.value)
     assert hash_tree(tmp_path / "photos") == before
     assert sorted(p.name for p in (tmp_path / "photos").rglob("*")) == sorted(["in", "sub", *map(lambda f: Path(f).name, FACES[:2])])
@@ -73,7 +73,7 @@ def test_a_folder_holding_other_files_is_not_written_into(model_dir, tmp_path):
     out.mkdir()
     (out / "Clint_Eastwood_0001.jpg.png").write_bytes(b"my own file")
     with pytest.raises(AnonymizeError, match="not empty"):
-        anonymize_folder(model_dir, src, out, label_free=True, workers=0, progress=None)
+        anonymize_folder(AnonymizeJob(model_dir, src, out, label_free=True, workers=0), progress=None)
     assert (out / "Clint_Eastwood_0001.jpg.png").read_bytes() == b"my own file"
 
 
@@ -83,7 +83,7 @@ def test_same_stem_with_different_extensions_gives_two_outputs(model_dir, tmp_pa
     shutil.copy(SAMPLE / FACES[0], src / "a.jpg")
     Image.open(SAMPLE / FACES[1]).save(src / "a.png")
     out = tmp_path / "out"
-    s = anonymize_folder(model_dir, src, out, label_free=True, workers=1, progress=None)
+    s = anonymize_folder(AnonymizeJob(model_dir, src, out, label_free=True, workers=1), progress=None)
     rep = _report(out)
     assert s["ok"] == 2 and rep.loc["a.jpg", "output"] == "a.jpg.png" and rep.loc["a.png", "output"] == "a.png.png"
     # each row names its own source (an untrained SAN's outputs barely depend on the input, so the
@@ -101,7 +101,7 @@ def test_bad_files_are_skipped_and_reported_and_a_large_image_is_shrunk(model_di
     Image.new("RGB", (160, 160), (128, 128, 128)).save(src / "blank.png")
     Image.open(SAMPLE / FACES[3]).resize((4000, 4000), Image.BICUBIC).save(src / "big.jpg", quality=90)
     out = tmp_path / "out"
-    s = anonymize_folder(model_dir, src, out, label_free=True, workers=1, batch_size=2, progress=None)
+    s = anonymize_folder(AnonymizeJob(model_dir, src, out, label_free=True, workers=1, batch_size=2), progress=None)
     rep = _report(out)
     assert (s["images"], s["ok"], s["failed"]) == (6, 3, 3)
     assert rep.loc["cut.jpg", "reason"] == "truncated" and rep.loc["garbage.jpg", "reason"] == "unreadable"
@@ -125,7 +125,7 @@ def test_rerun_skips_done_files_after_an_interruption(model_dir, tmp_path, monke
         return real(*a)
     monkeypatch.setattr(anon, "align_batch", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        anonymize_folder(model_dir, src, out, label_free=True, workers=0, batch_size=2, progress=None)
+        anonymize_folder(AnonymizeJob(model_dir, src, out, label_free=True, workers=0, batch_size=2), progress=None)
     monkeypatch.setattr(anon, "align_batch", real)
     first = _report(out)
     assert len(first) == 2 and (first.status == "ok").all()  # only the finished batch is listed
@@ -133,20 +133,20 @@ def test_rerun_skips_done_files_after_an_interruption(model_dir, tmp_path, monke
     with open(out / "anonymize.csv", "a") as fh:  # a row cut by a kill, not a finished one
         fh.write("Gordon_Brown_0004.jpg,ok,,,Gordon_Brown_0004.jpg.png,1")
 
-    s = anonymize_folder(model_dir, src, out, label_free=True, workers=1, batch_size=2, progress=None)
+    s = anonymize_folder(AnonymizeJob(model_dir, src, out, label_free=True, workers=1, batch_size=2), progress=None)
     assert (s["images"], s["already_done"], s["processed"], s["ok"], s["failed"]) == (5, 2, 3, 4, 1)
     assert {f: (out / first.loc[f, "output"]).stat().st_mtime_ns for f in done} == done  # not rewritten
     rep = _report(out)
     assert len(rep) == 5 and rep.loc["blank.png", "reason"] == "no_face"
 
-    s = anonymize_folder(model_dir, src, out, label_free=True, workers=1, batch_size=2, progress=None)
+    s = anonymize_folder(AnonymizeJob(model_dir, src, out, label_free=True, workers=1, batch_size=2), progress=None)
     assert (s["processed"], s["already_done"]) == (0, 5)
     (out / "Gordon_Brown_0004.jpg.png").unlink()  # a lost output is redone
     Image.open(SAMPLE / FACES[1]).transpose(Image.FLIP_LEFT_RIGHT).save(src / FACES[0].split("/")[1])  # changed input
-    s = anonymize_folder(model_dir, src, out, label_free=True, workers=0, batch_size=2, progress=None)
+    s = anonymize_folder(AnonymizeJob(model_dir, src, out, label_free=True, workers=0, batch_size=2), progress=None)
     assert s["processed"] == 2 and (out / "Gordon_Brown_0004.jpg.png").is_file()
     with pytest.raises(AnonymizeError, match="stages"):  # other settings are not mixed into the folder
-        anonymize_folder(model_dir, src, out, stages=1, label_free=True, workers=0, progress=None)
+        anonymize_folder(AnonymizeJob(model_dir, src, out, stages=1, label_free=True, workers=0), progress=None)
 
 
 def test_progress_appears_on_stderr_and_the_cli_refuses_out_inside_in(model_dir, tmp_path, capsys):
@@ -220,12 +220,13 @@ def test_a_real_face_upscaled_to_4000_px_still_aligns_on_the_shrunk_image():
     assert np.corrcoef(a, b)[0, 1] > 0.95
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.cuda
 def test_anonymize_on_the_gpu_matches_the_cpu(model_dir, tmp_path):
     src = _folder(tmp_path / "in")
     outs = {}
     for dev in ("cpu", "cuda"):
-        s = anonymize_folder(model_dir, src, tmp_path / dev, label_free=True, workers=1, device=dev, progress=None)
+        job = AnonymizeJob(model_dir, src, tmp_path / dev, label_free=True, workers=1, device=dev)
+        s = anonymize_folder(job, progress=None)
         assert s["device"].startswith(dev) and s["ok"] == 4
         outs[dev] = [np.asarray(Image.open(p), np.int16) for p in sorted((tmp_path / dev).glob("*.png"))]
     assert max(np.abs(a - b).max() for a, b in zip(outs["cpu"], outs["cuda"])) <= 1

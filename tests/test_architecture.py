@@ -119,3 +119,47 @@ def test_the_anonymize_path_loads_no_fastai():
 @pytest.mark.parametrize("module", ["flowsan_lib.cli", "flowsan_lib.anonymize"])
 def test_top_layer_names_its_modules(module):
     assert layer_of(module) == 0
+
+
+def _edit_function(path, name: str) -> None:
+    """A comment-free change to a function: one more statement at the top of its body."""
+    src = path.read_text()
+    node = next(n for n in ast.walk(ast.parse(src)) if isinstance(n, ast.FunctionDef) and n.name == name)
+    lines = src.splitlines(keepends=True)
+    first = node.body[0]
+    at = first.end_lineno if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) else first.lineno - 1
+    indent = " " * first.col_offset
+    lines.insert(at, f"{indent}_edited = True\n")
+    path.write_text("".join(lines))
+
+
+def _states(run, params, library, monkeypatch):
+    from flowsan_lib.core.layout import NOTEBOOK_DIR, RunLayout
+    from flowsan_lib.run import pipeline
+    monkeypatch.setattr(pipeline, "LIBRARY", library)
+    lay = RunLayout(run.run_dir)
+    return {s.name: pipeline.stage_state(lay, s, pipeline.fingerprint(s, params, lay, NOTEBOOK_DIR))
+            for s in pipeline.STAGES}
+
+
+def test_editing_a_chart_leaves_the_computing_stages_up_to_date(smoke_run, tmp_path, monkeypatch):
+    """A stage's code is its stage function's import closure: chart code that its notebook only displays
+    does not make it stale, but code it computes with does."""
+    import shutil
+
+    from flowsan_lib.core import config
+    params = config.load("smoke")
+    assert set(_states(smoke_run, params, codegraph.LIBRARY, monkeypatch).values()) == {"current"}
+
+    charts = tmp_path / "chart" / "flowsan_lib"
+    shutil.copytree(codegraph.LIBRARY, charts, ignore=shutil.ignore_patterns("__pycache__", "sample_data"))
+    _edit_function(charts / "viz" / "charts.py", "gender_vs_t")
+    after = _states(smoke_run, params, charts, monkeypatch)
+    assert all(after[s] == "current" for s in ("01_data", "02_prototypes", "03_aux_classifiers", "04_flowsan"))
+    assert after["05_evaluate"] != "current"           # 05 writes its figures with the charts
+
+    loss = tmp_path / "loss" / "flowsan_lib"
+    shutil.copytree(codegraph.LIBRARY, loss, ignore=shutil.ignore_patterns("__pycache__", "sample_data"))
+    _edit_function(loss / "method" / "losses.py", "match_loss")
+    after = _states(smoke_run, params, loss, monkeypatch)
+    assert after["03_aux_classifiers"] == "current" and after["04_flowsan"] != "current"

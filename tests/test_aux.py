@@ -8,8 +8,10 @@ import torch
 
 from flowsan_lib.core.config import AuxParams
 from flowsan_lib.data.resample import minority_race, resampled_sets
-from flowsan_lib.method.aux_training import predict_p_male, train_aux
+from flowsan_lib.method.aux_training import AuxData, train_aux
+from flowsan_lib.method.fit import FitFiles
 from flowsan_lib.models.aux_cnn import AuxGenderCNN, load_aux, save_aux
+from flowsan_lib.models.interfaces import p_male
 from flowsan_lib.stages.aux import disagreement
 
 
@@ -26,7 +28,10 @@ def test_gender_classifier_interface(tiny_faces_factory, arch, r):
     assert p.shape == (8,) and ((p >= 0) & (p <= 1)).all()
     z = net.logits(x)
     assert torch.allclose(p, torch.softmax(z, 1)[:, 1], atol=1e-6)  # P(male) = softmax column 1
-    assert net(tiny_faces_factory(32 if r == 64 else 64).images()).shape == (8,)  # other sizes are resized
+    other = tiny_faces_factory(32 if r == 64 else 64).images()                  # other sizes are resized first
+    resized = torch.nn.functional.interpolate(other, size=(r, r), mode="bilinear", align_corners=False,
+                                              antialias=True)
+    assert torch.allclose(net(other), net(resized), atol=1e-6)
 
 
 def test_original_architecture_layers():
@@ -81,12 +86,12 @@ def test_training_lowers_the_loss_on_real_faces(tiny_faces, tmp_path):
     ap = AuxParams(arch="small", epochs=12, lr=5e-3, batch_size=8, augment=False)
     torch.manual_seed(0)
     net = AuxGenderCNN(32, "small")
-    train_aux(net, tiny_faces.gray, y, rows, rows, ap, seed=1, tag="t", ckpt_dir=tmp_path / "ck",
-              history=tmp_path / "h.csv", params={})
+    train_aux(net, AuxData(tiny_faces.gray, y, rows, rows), ap, FitFiles("t", tmp_path / "ck", tmp_path / "h.csv", {}),
+              seed=1)
     h = pd.read_csv(tmp_path / "h.csv")
     assert h["train_loss"].iloc[-1] < h["train_loss"].iloc[0]
     assert sorted(p.name for p in (tmp_path / "ck").glob("epoch*")) == ["epoch11.safetensors", "epoch12.safetensors"]
-    p = predict_p_male(net, tiny_faces.gray)
+    p = p_male(net, tiny_faces.gray)
     assert p.shape == (8,)
 
 

@@ -145,7 +145,8 @@ def finished_run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("bad_inputs_run")
     preset = _tiny_preset(root)
     with _env(FLOWSAN_OUTPUTS=root / "outputs"):
-        res = pipeline.run(str(preset), run_name="r", stages=STAGES[:1], output_dir=root / "outputs")
+        res = pipeline.run(pipeline.RunRequest(str(preset), run_name="r"),
+                           pipeline.RunOptions(stages=STAGES[:1], output_dir=root / "outputs"))
     assert res.ran == ["01_data"]
     return root / "outputs" / "r"
 
@@ -587,7 +588,8 @@ def test_deleted_stage_output_is_rebuilt(finished_run, env, monkeypatch):
     run_dir = _copy_run(finished_run, env, "rb")
     want = (run_dir / "01_data" / "faces.csv").read_bytes()
     (run_dir / "01_data" / "faces.csv").unlink()
-    monkeypatch.setattr(pipeline, "run", functools.partial(pipeline.run, stages=STAGES[:1]))
+    one_stage = pipeline.RunOptions(stages=STAGES[:1])
+    monkeypatch.setattr(pipeline, "run", functools.partial(pipeline.run, options=one_stage))
     res = flowsan("run", env.preset, "--run-name", "rb")
     assert "Traceback" not in res.err and res.rc == 0, res.err
     assert "ran: 01_data" in res.out

@@ -1,11 +1,10 @@
 """Parameters: presets validate; unknown, ill-typed and impossible values are rejected by name."""
-from pathlib import Path
 
 import pytest
 
 from flowsan_lib.core import config
 
-PRESETS = sorted(p.stem for p in (Path(config.__file__).resolve().parent.parent / "params").glob("*.yaml"))
+PRESETS = sorted(p.stem for p in config.PRESET_DIR.glob("*.yaml"))
 
 
 def test_the_documented_presets_exist():

@@ -19,6 +19,7 @@ from flowsan_lib.core.config import SanParams
 from flowsan_lib.core.device import DeviceError, cuda_count, module_device, pick_device
 from flowsan_lib.method import apply as methods
 from flowsan_lib.method import san_training as flow
+from flowsan_lib.method.fit import FitFiles
 from flowsan_lib.method.prototypes import make_bank, mean_faces
 from flowsan_lib.method.san_training import StageData, descriptors, frozen_for_loss, san_loss
 from flowsan_lib.models.aux_cnn import AuxGenderCNN, freeze
@@ -28,7 +29,6 @@ from flowsan_lib.run import pipeline
 META = torch.device("meta")
 needs_no_gpu = pytest.mark.skipif(cuda_count() > 0, reason="this machine has a GPU")
 cuda = pytest.mark.cuda
-needs_gpu = pytest.mark.skipif(cuda_count() == 0, reason="needs a CUDA GPU")
 
 
 # --- the device parameter -------------------------------------------------------------------
@@ -50,13 +50,15 @@ def test_auto_and_cpu():
 @needs_no_gpu
 def test_run_with_device_cuda_stops_before_any_work(tmp_path):
     with pytest.raises(DeviceError, match="parameter 'device'"):
-        pipeline.run("smoke", overrides={"device": "cuda"}, output_dir=tmp_path, fetch_models=False, report=False)
+        pipeline.run(pipeline.RunRequest("smoke", overrides={"device": "cuda"}),
+                     pipeline.RunOptions(output_dir=tmp_path, fetch_models=False, report=False))
     assert list(tmp_path.iterdir()) == []                    # no run folder, no lock, nothing written
 
 
 def test_run_with_more_gpus_than_present_stops_before_any_work(tmp_path):
     with pytest.raises(DeviceError, match=rf"--gpus {cuda_count() + 2} .*'gpus'.*has {cuda_count()}"):
-        pipeline.run("smoke", output_dir=tmp_path, fetch_models=False, report=False, gpus=cuda_count() + 2)
+        pipeline.run(pipeline.RunRequest("smoke", gpus=cuda_count() + 2),
+                     pipeline.RunOptions(output_dir=tmp_path, fetch_models=False, report=False))
     assert list(tmp_path.iterdir()) == []
 
 
@@ -85,8 +87,9 @@ def test_out_of_memory_names_the_batch_size_and_keeps_the_finished_epochs(parts,
     sp = SanParams(epochs=2, batch_size=4, width=0.25, precision="fp32")
     with pytest.raises(DeviceError, match=r"out of GPU memory .* san.batch_size = 4: lower san.batch_size "
                                           r"\(e.g. --set san.batch_size=2\)"):
-        flow.train_san(SAN(32, 3, 0.25), data, data, g, None, sp, seed=0, tag="oom", ckpt_dir=tmp_path / "ck",
-                       history=tmp_path / "h.csv", params={}, extra_cbs=[OutOfMemoryInEpoch2()])
+        fit = flow.SanFit(sp, 0, FitFiles("oom", tmp_path / "ck", tmp_path / "h.csv", {}), torch.device("cpu"),
+                          extra_cbs=(OutOfMemoryInEpoch2(),))
+        flow.train_san(SAN(32, 3, 0.25), data, data, g, None, fit)
     assert [p.name for p in (tmp_path / "ck").iterdir()] == ["epoch01.safetensors"]   # resumable
 
 
@@ -137,8 +140,8 @@ def test_a_network_on_another_device_is_refused_not_moved(parts):
     with pytest.raises(DeviceError, match="the SAN"):
         methods.apply_san(san, parts["data"].original, parts["data"].bank, parts["data"].y, device=META)
     with pytest.raises(DeviceError, match="the SAN being trained"):
-        flow.train_san(san, parts["data"], parts["data"], g, None, SanParams(epochs=1), seed=0, tag="x",
-                       ckpt_dir="unused", history="unused", params={}, device=META)
+        fit = flow.SanFit(SanParams(epochs=1), 0, FitFiles("x", "unused", "unused", {}), META)
+        flow.train_san(san, parts["data"], parts["data"], g, None, fit)
 
 
 # --- the stage functions on the fixture's device -------------------------------------------------
@@ -146,7 +149,7 @@ def test_a_network_on_another_device_is_refused_not_moved(parts):
 SPLIT = ["train", "val", "train", "test", "train", "val", "train", "test"]
 
 
-@pytest.fixture(params=["cpu", pytest.param("cuda", marks=[cuda, needs_gpu])])
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=cuda)])
 def device(request):
     return request.param
 
@@ -181,12 +184,12 @@ class Watch:
                 watch.watched.add(id(m))
                 return m
             return wrapper
+        import flowsan_lib.models.aux_cnn as ac
         import flowsan_lib.models.interfaces as mi
         import flowsan_lib.stages.aux as tr
-        import flowsan_lib.stages.flowsan as fs
         monkeypatch.setattr(mi, "load_matcher", watched(mi.load_matcher))
-        monkeypatch.setattr(fs, "load_aux", watched(fs.load_aux))
-        monkeypatch.setattr(tr, "predict_p_male", self._wrap_predict(tr.predict_p_male))
+        monkeypatch.setattr(ac, "load_aux", watched(ac.load_aux))
+        monkeypatch.setattr(tr, "p_male", self._wrap_predict(tr.p_male))
         original_to = torch.nn.Module.to
 
         def to(module, *a, **k):
@@ -243,7 +246,6 @@ def test_stage_functions_keep_every_network_and_tensor_on_the_stage_device(devic
 # --- CUDA: the same numbers as the CPU -----------------------------------------------------------
 
 @cuda
-@needs_gpu
 def test_stage_metrics_on_cuda_match_cpu(tiny_faces, tmp_path, faceapi_matcher):
     """Stages 02-04 in fp32 on the GPU and on the CPU: the same AUCs, TMRs and nearly the same images."""
     from flowsan_lib.core.layout import RunLayout, stage_named

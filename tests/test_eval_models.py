@@ -75,7 +75,8 @@ def test_inhouse_architectures_differ_from_the_auxiliary_cnn():
 
 def test_inhouse_cnn_trains_with_fastai_on_real_faces(utk_faces):
     gray, y, tr, te = utk_faces
-    model, hist = inhouse.train_cnn("cnn_t", "separable", gray[tr], y[tr], gray[te], y[te], epochs=8, seed=0)
+    model, hist = inhouse.train_cnn("cnn_t", "separable", (gray[tr], y[tr]), (gray[te], y[te]),
+                                    inhouse.TrainSettings(epochs=8, seed=0))
     assert not any(p.requires_grad for p in model.parameters()) and not model.training
     with torch.no_grad():
         p = model(torch.as_tensor(gray[tr]).float()[:, None] / 255).numpy()
@@ -86,8 +87,9 @@ def test_inhouse_cnn_trains_with_fastai_on_real_faces(utk_faces):
 def test_inhouse_training_is_reproducible(utk_faces):
     gray, y, tr, te = utk_faces
     x = torch.as_tensor(gray[te[:5]]).float()[:, None] / 255
-    a, _ = inhouse.train_cnn("a", "separable", gray[tr], y[tr], gray[te], y[te], epochs=1, seed=3)
-    b, _ = inhouse.train_cnn("b", "separable", gray[tr], y[tr], gray[te], y[te], epochs=1, seed=3)
+    fit = inhouse.TrainSettings(epochs=1, seed=3)
+    a, _ = inhouse.train_cnn("a", "separable", (gray[tr], y[tr]), (gray[te], y[te]), fit)
+    b, _ = inhouse.train_cnn("b", "separable", (gray[tr], y[tr]), (gray[te], y[te]), fit)
     assert torch.allclose(a(x), b(x))
 
 

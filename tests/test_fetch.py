@@ -273,23 +273,24 @@ def test_real_fetch_from_the_registry(tmp_path):
 def test_a_run_checks_only_the_weights_its_stages_read(tmp_path, fake_npm, monkeypatch):
     """A cache holding face-api alone serves a quick run's 04 (its J_M matcher) but not its 01 or 05."""
     from flowsan_lib.core import config, layout
+    from flowsan_lib.run.pipeline import stage_weights
     fake_npm(npm_tarball(tmp_path))
     root = tmp_path / "cache"
     fetch.fetch("face-api", root, verbose=False)
     no_client(monkeypatch)
     P = config.load("quick", {})
     stage = {s.name: s for s in layout.STAGES}
-    assert stage["04_flowsan"].weights(P) == {"face_recognition_model-weights_manifest.json",
+    assert stage_weights(stage["04_flowsan"], P) == {"face_recognition_model-weights_manifest.json",
                                               "face_recognition_model.bin"}
-    assert fetch.check_cache(root, files=stage["04_flowsan"].weights(P)) == root
+    assert fetch.check_cache(root, files=stage_weights(stage["04_flowsan"], P)) == root
     with pytest.raises(fetch.FetchError, match="shape_predictor_5_face_landmarks.dat is missing"):
-        fetch.check_cache(root, files=stage["01_data"].weights(P))
+        fetch.check_cache(root, files=stage_weights(stage["01_data"], P))
     with pytest.raises(fetch.FetchError) as e:
-        fetch.check_cache(root, files=stage["05_evaluate"].weights(P))
+        fetch.check_cache(root, files=stage_weights(stage["05_evaluate"], P))
     assert "faceres.bin is missing" in str(e.value) and "face_recognition_model.bin" not in str(e.value)
     # a seen pretrained classifier in J_G joins 04's weights
     P2 = config.load("quick", {"san.seen_classifiers": ["hse_gender"], "evaluate.classifiers": ["faceapi_gender"]})
-    assert {"faceres.json", "faceres.bin"} <= stage["04_flowsan"].weights(P2)
+    assert {"faceres.json", "faceres.bin"} <= stage_weights(stage["04_flowsan"], P2)
     damage(root / "face-api" / "face_recognition_model.bin", "flip")
     with pytest.raises(fetch.FetchError, match="face_recognition_model.bin is damaged"):
-        fetch.check_cache(root, files=stage["04_flowsan"].weights(P))
+        fetch.check_cache(root, files=stage_weights(stage["04_flowsan"], P))

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from flowsan_lib.anonymize import AnonymizeError, anonymize_folder
+from flowsan_lib.anonymize import AnonymizeError, AnonymizeJob, anonymize_folder
 from flowsan_lib.method.modelio import ModelError, save_model
 from flowsan_lib.method.prototypes import mean_faces, save_prototypes
 from flowsan_lib.models.aux_cnn import AuxGenderCNN, freeze
@@ -50,7 +50,7 @@ def test_anonymize_with_labels(model_dir, images, tmp_path):
     labels = _labels(tmp_path / "l.csv", [("Colin_Powell_0001.jpg", "male"), ("Laura_Bush_0001.jpg", 0),
                                           ("sub/Tony_Blair_0001.jpg", 1), ("blank.png", 1)])
     out = tmp_path / "out"
-    s = anonymize_folder(model_dir, images, out, stages=1, labels_csv=labels)
+    s = anonymize_folder(AnonymizeJob(model_dir, images, out, stages=1, labels_csv=labels))
     assert (s["images"], s["ok"], s["failed"], s["stages"]) == (4, 3, 1, 1)
     rep = pd.read_csv(out / "anonymize.csv", keep_default_na=False).set_index("file")
     assert rep.loc["blank.png", "status"] == "failed" and rep.loc["blank.png", "reason"] == "no_face"
@@ -62,7 +62,7 @@ def test_anonymize_with_labels(model_dir, images, tmp_path):
 
 
 def test_label_free_mode_uses_the_aux_classifier(model_dir, images, tmp_path):
-    s = anonymize_folder(model_dir, images, tmp_path / "o", label_free=True)
+    s = anonymize_folder(AnonymizeJob(model_dir, images, tmp_path / "o", label_free=True))
     rep = pd.read_csv(tmp_path / "o" / "anonymize.csv", keep_default_na=False)
     ok = rep[rep.status == "ok"]
     assert s["ok"] == 3 and (ok.gender_source == "aux_G01").all()
@@ -71,12 +71,12 @@ def test_label_free_mode_uses_the_aux_classifier(model_dir, images, tmp_path):
 
 def test_missing_labels_are_clear_errors(model_dir, images, tmp_path):
     with pytest.raises(AnonymizeError, match="--labels"):
-        anonymize_folder(model_dir, images, tmp_path / "o")
+        anonymize_folder(AnonymizeJob(model_dir, images, tmp_path / "o"))
     partial = _labels(tmp_path / "l.csv", [("Colin_Powell_0001.jpg", 1)])
     with pytest.raises(AnonymizeError, match="no gender for 3 of 4"):
-        anonymize_folder(model_dir, images, tmp_path / "o", labels_csv=partial)
+        anonymize_folder(AnonymizeJob(model_dir, images, tmp_path / "o", labels_csv=partial))
     bad = _labels(tmp_path / "b.csv", [("Colin_Powell_0001.jpg", "x")])
     with pytest.raises(AnonymizeError, match="not 1/0"):
-        anonymize_folder(model_dir, images, tmp_path / "o", labels_csv=bad)
+        anonymize_folder(AnonymizeJob(model_dir, images, tmp_path / "o", labels_csv=bad))
     with pytest.raises(ModelError, match="between 1 and 2"):
-        anonymize_folder(model_dir, images, tmp_path / "o", stages=3, label_free=True)
+        anonymize_folder(AnonymizeJob(model_dir, images, tmp_path / "o", stages=3, label_free=True))

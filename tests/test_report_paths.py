@@ -9,7 +9,7 @@ from flowsan_lib.run import pipeline
 from .test_pipeline import WRITE_A, _notebook
 from .test_report_front_page import machine_paths
 
-FAIL_IN_LIBRARY = """from flowsan_lib import config
+FAIL_IN_LIBRARY = """from flowsan_lib.core import config
 import warnings
 warnings.warn("a warning printed with its file path")
 config.load("no-such-preset")
@@ -23,13 +23,14 @@ def test_failed_stage_page_has_no_machine_path(tmp_path):
     _notebook(nb / "f.ipynb", FAIL_IN_LIBRARY)
     stages = (Stage("a", ("data",)), Stage("f", ("san",)))
     with pytest.raises(pipeline.RunError):
-        pipeline.run("smoke", stages=stages, notebook_dir=nb, output_dir=tmp_path / "outputs", fetch_models=False)
+        pipeline.run("smoke", pipeline.RunOptions(stages=stages, notebook_dir=nb, output_dir=tmp_path / "outputs",
+                                                  fetch_models=False))
     run_dir = tmp_path / "outputs" / "smoke"
     raw = (run_dir / "notebooks" / "f.failed.ipynb").read_text()
     assert str(pipeline.LIBRARY) in raw                       # the raw traceback names the library file...
     report.build_report(run_dir)
     page = (run_dir / "report" / "f.failed.html").read_text()
-    assert "&lt;project&gt;/flowsan_lib/config.py" in page and "no-such-preset" in page   # ...the page relative
+    assert "&lt;project&gt;/flowsan_lib/core/config.py" in page and "no-such-preset" in page   # ...the page relative
     index = (run_dir / "report" / "index.html").read_text()
     assert "href='f.failed.html'" in index and "<td>failed</td>" in index
     for f in (run_dir / "report").iterdir():

@@ -19,7 +19,8 @@ NOISE = re.compile(r"WARNING|ERROR|without encryption|KeyboardInterrupt|Unable t
 RUN = textwrap.dedent("""
     import sys
     from pathlib import Path
-    from flowsan_lib import cli, pipeline
+    from flowsan_lib import cli
+    from flowsan_lib.run import pipeline
     from flowsan_lib.core.layout import Input, Stage
     cli._console_log()
     root = Path(sys.argv[1])
@@ -27,8 +28,9 @@ RUN = textwrap.dedent("""
     stages = {"ok": (a, b), "warn": (a, b, Stage("w", ("san",), {"b": Input("b")})),
               "fail": (a, b, Stage("c", ("san",), {"b": Input("b")}))}[sys.argv[2]]
     try:
-        pipeline.run("smoke", stages=stages, notebook_dir=root / "notebooks", output_dir=root / "outputs",
-                     fetch_models=False, report=False, force=True)
+        pipeline.run(pipeline.RunRequest("smoke", force=True),
+                     pipeline.RunOptions(stages=stages, notebook_dir=root / "notebooks", output_dir=root / "outputs",
+                                         fetch_models=False, report=False))
     except pipeline.RunError as e:
         print("flowsan: error:", e, file=sys.stderr)
         sys.exit(2)

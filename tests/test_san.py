@@ -6,11 +6,12 @@ import pytest
 import torch
 
 from flowsan_lib.core.config import SanParams
+from flowsan_lib.method.fit import FitFiles
 from flowsan_lib.method.losses import SanLoss, gender_logit, gender_loss, match_loss, pixel_loss
 from flowsan_lib.method.prototypes import make_bank, mean_faces
-from flowsan_lib.method.san_training import StageData, frozen_for_loss, train_san
+from flowsan_lib.method.san_training import SanFit, StageData, frozen_for_loss, train_san
 from flowsan_lib.models.aux_cnn import AuxGenderCNN, freeze
-from flowsan_lib.models.san import SAN, n_params
+from flowsan_lib.models.san import SAN
 
 
 @pytest.fixture(autouse=True)
@@ -18,11 +19,17 @@ def _one_thread():
     torch.set_num_threads(1)
 
 
+def _fit(sp, tag, tmp_path, seed=1):
+    """One SAN's training on the CPU, its checkpoints and history under tmp_path."""
+    return SanFit(sp, seed, FitFiles(tag, tmp_path / "ck", tmp_path / "h.csv", {}), torch.device("cpu"))
+
+
 def _protos(tf):
     return mean_faces(tf.gray, tf.rgb, tf.landmarks, tf.gender)["tensors"]
 
 
 def test_original_architecture_size():
+    n_params = lambda m: sum(p.numel() for p in m.parameters())
     assert n_params(SAN(224, 3, 1.0)) == 324_248  # the original code's count
     assert n_params(SAN(64, 1, 0.5)) < n_params(SAN(64, 1, 1.0))
 
@@ -121,8 +128,7 @@ def test_each_loss_term_decreases(tiny_faces, tmp_path, term, faceapi_matcher, t
     sp = SanParams(epochs=epochs, batch_size=8, lr=5e-3, precision="fp32", w_pixel=w[0], w_match=w[1], w_gender=w[2])
     torch.manual_seed(0)
     san = SAN(32, 3, 0.25)
-    train_san(san, data, data, trained_g, faceapi_matcher, sp, seed=1, tag=term,
-              ckpt_dir=tmp_path / "ck", history=tmp_path / "h.csv", params={})
+    train_san(san, data, data, trained_g, faceapi_matcher, _fit(sp, term, tmp_path))
     import pandas as pd
     h = pd.read_csv(tmp_path / "h.csv")
     assert h[f"train_{term}"].iloc[-1] < 0.9 * h[f"train_{term}"].iloc[0], h[f"train_{term}"].tolist()
@@ -133,7 +139,7 @@ def test_match_term_compares_with_given_original_descriptors(tiny_faces, faceapi
     x = tiny_faces.images()
     with torch.no_grad():
         d = faceapi_matcher(x)
-    loss = SanLoss(_trained_g(tiny_faces, 1), faceapi_matcher, w_pixel=0, w_gender=0)
+    loss = SanLoss(_trained_g(tiny_faces, 1), faceapi_matcher, SanParams(w_pixel=0, w_gender=0))
     y = torch.from_numpy(tiny_faces.gender).float()
     assert loss((x, x), x, d, y).item() == pytest.approx(0.0, abs=1e-6)
     assert loss((x, x), x, d.roll(1, 0), y).item() > 1.0  # someone else's descriptor: large
@@ -169,8 +175,7 @@ def test_nan_guard_stops_with_a_clear_error(tiny_faces, tmp_path):
     data = StageData(x, x, torch.zeros(8, 0), y, make_bank(_protos(tiny_faces), 3, False))
     sp = SanParams(epochs=1, batch_size=4, precision="fp32")
     with pytest.raises(FloatingPointError, match="nan-test: loss became nan at epoch 1, batch 1"):
-        train_san(SAN(32, 3, 0.25), data, data, _NaNGender(), None, sp, seed=1, tag="nan-test",
-                  ckpt_dir=tmp_path / "ck", history=tmp_path / "h.csv", params={})
+        train_san(SAN(32, 3, 0.25), data, data, _NaNGender(), None, _fit(sp, "nan-test", tmp_path))
     assert not (tmp_path / "ck" / "epoch01.safetensors").exists()
 
 
@@ -179,8 +184,7 @@ def test_bf16_autocast_trains(tiny_faces, tmp_path, trained_g):
     data = StageData(x, x, torch.zeros(8, 0), y, make_bank(_protos(tiny_faces), 3, False))
     sp = SanParams(epochs=2, batch_size=4, precision="bf16")
     san = SAN(32, 3, 0.25)
-    train_san(san, data, data, trained_g, None, sp, seed=1, tag="bf16", ckpt_dir=tmp_path / "ck",
-              history=tmp_path / "h.csv", params={})
+    train_san(san, data, data, trained_g, None, _fit(sp, "bf16", tmp_path))
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in san.parameters())
     import pandas as pd
     assert np.isfinite(pd.read_csv(tmp_path / "h.csv")["train_loss"]).all()

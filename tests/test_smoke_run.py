@@ -27,18 +27,37 @@ def test_every_stage_ran_and_wrote_its_outputs(smoke_run):
     assert config.load(run_dir / "params.yaml") == config.load("smoke")
 
 
+def _is_rate(v) -> bool:
+    return isinstance(v, float) and 0.0 <= v <= 1.0
+
+
 def test_metrics_json_holds_the_headline_numbers(smoke_run):
-    run_dir = smoke_run.run_dir
+    """Each stage's metrics.json holds its headline numbers, consistent with the run's parameters."""
+    run_dir, P = smoke_run.run_dir, config.load("smoke")
     data = json.loads((run_dir / "01_data" / "metrics.json").read_text())
-    assert data and all(isinstance(v, (dict, list, int, float, str)) for v in data.values())
+    assert data["faces"] == sum(data["splits"].values()) and min(data["splits"].values()) > 0
+    assert data["resolution"] == P.data.resolution and data["subject_disjoint"] is True
     flow = json.loads((run_dir / "04_flowsan" / "metrics.json").read_text())
-    assert flow, "04_flowsan wrote empty metrics"
+    n = P.san.n_stages
+    assert flow["n_stages"] == n and flow["n_test"] == data["splits"]["test"]
+    assert set(flow["aux_auc"]) == {f"G{i:02d}" for i in range(1, P.aux.n_classifiers + 1)}
+    for g in flow["aux_auc"].values():                       # seen AUCs: original, then t = 1..n
+        assert _is_rate(g["original"]) and len(g["flowsan"]) == n and all(map(_is_rate, g["flowsan"]))
+    m = flow["matcher"]
+    assert _is_rate(m["tmr_original"]) and len(m["tmr_flowsan"]) == n and all(map(_is_rate, m["tmr_flowsan"]))
     ev = json.loads((run_dir / "05_evaluate" / "metrics.json").read_text())
-    assert ev, "05_evaluate wrote empty metrics"
+    summary = ev["summary"][f"n{n}"]
+    for method in ("original", "flowsan", "ens_avg", "ens_gibbs"):
+        auc = summary[method]["mean_auc"]
+        assert _is_rate(auc["value"]) and auc["lo"] <= auc["value"] <= auc["hi"], (method, auc)
+        dev = summary[method]["mean_auc_dev"]["value"]          # mean of |AUC - 0.5| >= |mean AUC - 0.5|
+        assert abs(auc["value"] - 0.5) - 1e-12 <= dev <= 0.5, (method, dev)
+    assert set(ev["classifiers"]) >= set(P.evaluate.classifiers)
+    assert set(ev["matchers"]) >= set(P.evaluate.matchers)
 
 
 def test_second_run_skips_everything(smoke_run):
-    again = pipeline.run("smoke", output_dir=smoke_run.run_dir.parent, report=False)
+    again = pipeline.run("smoke", pipeline.RunOptions(output_dir=smoke_run.run_dir.parent, report=False))
     assert again.ran == [] and len(again.skipped) == len(pipeline.STAGES)
 
 

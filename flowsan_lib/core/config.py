@@ -16,7 +16,9 @@ from typing import Literal
 
 import yaml
 
-PRESET_DIR = Path(__file__).resolve().parent.parent / "params"
+from flowsan_lib.core.layout import PROJECT_ROOT
+
+PRESET_DIR = PROJECT_ROOT / "params"
 
 
 # Names of the pretrained networks (their loaders: models.interfaces); checked here before any work.

@@ -2,9 +2,11 @@
 paths confined to where they belong. One definition of each, used by every module that writes."""
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -67,3 +69,34 @@ def atomic_path(path: str | os.PathLike):
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+class LockHeld(RuntimeError):
+    """Another process holds an advisory lock; `holder` is the pid it wrote into the lock file."""
+
+    def __init__(self, path: Path, holder: str):
+        super().__init__(f"{path} is held by pid {holder}")
+        self.path, self.holder = Path(path), holder
+
+
+def acquire_lock(path: Path, wait_s: float = 0.0) -> int:
+    """Take the exclusive advisory lock on `path` (created if missing) and write our pid into it.
+
+    Returns the open descriptor: the lock lasts until it is closed (or the process dies, so a killed
+    holder never leaves a stale lock). Raises LockHeld when another process still holds it after wait_s.
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise LockHeld(path, holder) from None
+            time.sleep(0.2)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    return fd

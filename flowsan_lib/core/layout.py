@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]   # the checkout: notebooks/, params/, outputs/
 NOTEBOOK_DIR = PROJECT_ROOT / "notebooks"
 MARKER = ".stage.json"
 LOCK = ".lock"

@@ -294,12 +294,6 @@ class FaceSet:
         g = self.gray if idx is None else self.gray[np.asarray(idx)]
         return torch.from_numpy(np.ascontiguousarray(g)).float().div_(255.0).unsqueeze(1)
 
-    def chips150(self, idx=None) -> np.ndarray:
-        """The 150 px RGB chips behind the faces: from the crop cache, re-aligned where it lacks them."""
-        rows = self.table if idx is None else self.table.iloc[np.atleast_1d(np.asarray(idx))]
-        cache = ChipCache(default_cache_dir(self.align_info.get("cache_dir", "")), self.align_info.get("upsample", 1))
-        fill_cache(cache, rows["path"], rows["sha1"].tolist(), self.align_info.get("upsample", 1), desc="re-align")
-        return cache.get(rows["sha1"].tolist())[0]
 
 
 def load_faces(folder: str | os.PathLike) -> FaceSet:

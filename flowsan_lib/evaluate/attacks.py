@@ -20,12 +20,30 @@ Each statistic is {"value", "lo", "hi"} with the stage's bootstrap over test ima
 """
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from flowsan_lib.evaluate import inhouse
 from flowsan_lib.evaluate import metrics as M
+from flowsan_lib.models.interfaces import p_male
+
+if TYPE_CHECKING:
+    from flowsan_lib.method.apply import Sequences
+
+
+@dataclass(frozen=True)
+class AttackTarget:
+    """The test split the attackers are scored on, as the evaluation stage holds it."""
+    seq: Sequences                  # original and FlowSAN images of the test split
+    is_male: np.ndarray             # [N] bool
+    identity: np.ndarray            # [N] str, "" when unknown
+    test_sets: dict                 # name -> indices into the sequences
+    boots: dict                     # name -> bootstrap weights over that test set's images
+    descriptors: dict = field(default_factory=dict)   # matcher -> image set key -> [N, D] (NaN rows: not described)
 
 
 def protected_split(model, faces, split: str, device="cpu") -> list[np.ndarray]:
@@ -48,49 +66,48 @@ def _stats(p, y, boots) -> dict:
     return {k: M.summarize(*v) for k, v in M.gender_stats(p, y, boots).items() if k in ("auc", "eer")}
 
 
-def _cnn_p_male(model, images) -> np.ndarray:
-    import torch
-    x = torch.as_tensor(np.asarray(images))
-    x = (x.float() / 255.0 if x.dtype == torch.uint8 else x.float())[:, None]
-    with torch.no_grad():
-        return torch.cat([model(x[i:i + 256]) for i in range(0, len(x), 256)]).numpy().astype(float)
+def _scored(p, target: AttackTarget) -> dict:
+    """{test_set: {"t<k>": {auc, eer}}} of P(male) rows p[t] over the target's images."""
+    return {ts: {f"t{t}": _stats(p[t][idx], target.is_male[idx], target.boots[ts]) for t in range(target.seq.n + 1)}
+            for ts, idx in target.test_sets.items()}
 
 
-def adaptive_cnn(train_x, train_y, valid_x, valid_y, seq, is_male, test_sets, boots, epochs, device, seed,
-                 log=print) -> dict:
-    """Train a CNN on protected training images; AUC/EER on the test sets' originals and outputs."""
-    model, hist = inhouse.train_cnn("attacker", "resnet_small", train_x, train_y, valid_x, valid_y, epochs,
-                                    device=str(device), seed=seed)
-    log(f"adaptive attacker trained on {len(train_y)} protected images")
-    p = [_cnn_p_male(model, seq.original)] + [_cnn_p_male(model, seq.flowsan[t]) for t in range(seq.n)]
-    out = {"setup": {"arch": "resnet_small", "epochs": epochs, "n_train": int(len(train_y)),
+def adaptive_cnn(train: tuple, valid: tuple, target: AttackTarget, fit: inhouse.TrainSettings, log=print) -> dict:
+    """Train a CNN on protected training images; AUC/EER on the test sets' originals and outputs.
+
+    train, valid: (protected images, is_male) pairs.
+    """
+    seq = target.seq
+    model, hist = inhouse.train_cnn("attacker", "resnet_small", train, valid, fit)
+    log(f"adaptive attacker trained on {len(train[1])} protected images")
+    p = [p_male(model, x).astype(float) for x in (seq.original, *seq.flowsan[:seq.n])]
+    out = {"setup": {"arch": "resnet_small", "epochs": fit.epochs, "n_train": int(len(train[1])),
                      "final_train_loss": hist["final_train_loss"]}}
-    for ts, idx in test_sets.items():
-        out[ts] = {f"t{t}": _stats(p[t][idx], is_male[idx], boots[ts]) for t in range(seq.n + 1)}
+    out.update(_scored(p, target))
     return out
 
 
-def cross_fit_cnn(seq, is_male, identity, test_sets, boots, epochs, device, seed, log=print) -> dict:
+def cross_fit_cnn(target: AttackTarget, fit: inhouse.TrainSettings, log=print) -> dict:
     """Fallback attacker: 2 identity-disjoint folds of the test outputs at t = n, each predicts the other."""
-    n = seq.n
-    groups = np.array([i if i else f"_img{k}" for k, i in enumerate(identity)])
+    seq, is_male, n = target.seq, target.is_male, target.seq.n
+    groups = np.array([i if i else f"_img{k}" for k, i in enumerate(target.identity)])
     uniq = np.unique(groups)
-    fold_of = dict(zip(uniq, np.random.default_rng([seed, 9]).permutation(len(uniq)) % 2))
+    fold_of = dict(zip(uniq, np.random.default_rng([fit.seed, 9]).permutation(len(uniq)) % 2))
     fold = np.array([fold_of[g] for g in groups])
     p = np.full((n + 1, len(is_male)), np.nan)
     for f in (0, 1):
         tr, te = fold != f, fold == f
-        model, _ = inhouse.train_cnn("attacker", "resnet_small", seq.flowsan[n - 1][tr], is_male[tr],
-                                     seq.flowsan[n - 1][te][:0], is_male[te][:0], epochs, device=str(device),
-                                     seed=seed + f)
-        p[0, te] = _cnn_p_male(model, seq.original[te])
+        # the held-out fold is not a validation set: an empty one (fastai then reuses training images)
+        model, _ = inhouse.train_cnn("attacker", "resnet_small", (seq.flowsan[n - 1][tr], is_male[tr]),
+                                     (seq.flowsan[n - 1][te][:0], is_male[te][:0]),
+                                     dataclasses.replace(fit, seed=fit.seed + f))
+        p[0, te] = p_male(model, seq.original[te]).astype(float)
         for t in range(1, n + 1):
-            p[t, te] = _cnn_p_male(model, seq.flowsan[t - 1][te])
+            p[t, te] = p_male(model, seq.flowsan[t - 1][te]).astype(float)
     log("adaptive attacker: cross-fitted on the test outputs (no FlowSAN model folder to transform the training split)")
-    out = {"setup": {"arch": "resnet_small", "epochs": epochs, "n_train": int(len(is_male) // 2),
+    out = {"setup": {"arch": "resnet_small", "epochs": fit.epochs, "n_train": int(len(is_male) // 2),
                      "scheme": "2-fold identity-disjoint cross-fitting on test outputs at t = n"}}
-    for ts, idx in test_sets.items():
-        out[ts] = {f"t{t}": _stats(p[t][idx], is_male[idx], boots[ts]) for t in range(n + 1)}
+    out.update(_scored(p, target))
     return out
 
 
@@ -101,15 +118,15 @@ def _probe():
     return make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=3000))
 
 
-def descriptor_probes(matchers, d_sets, n, train_desc: dict, train_y, train_prot_desc: dict, is_male,
-                      test_sets, boots) -> dict:
+def descriptor_probes(matchers, train_desc: dict, train_y, train_prot_desc: dict, target: AttackTarget) -> dict:
     """Gender probes on matcher descriptors (see module doc); train_prot_desc may be empty.
 
-    Only test images the matchers described (finite descriptors) are scored.
+    Only test images the matchers described (finite descriptors in target.descriptors) are scored.
     """
+    n, is_male, test_sets, boots = target.seq.n, target.is_male, target.test_sets, target.boots
     out = {}
     for m in matchers:
-        d = d_sets[m.name]
+        d = target.descriptors[m.name]
         test = [d["original/0"]] + [d[f"flowsan/{t}"] for t in range(1, n + 1)]
         ok = np.isfinite(test[0]).all(axis=1)
         sets = {ts: idx[ok[idx]] for ts, idx in test_sets.items() if ok[idx].any()}
@@ -134,12 +151,11 @@ def _rows(boot, full_idx, sub_idx):
     return boot[:, pos]
 
 
-def run_attacks(P, model_folder, faces, seq, images, test_sets, d_sets, matchers, boots, stage_dir, device,
-                log=print) -> dict:
+def run_attacks(P, model_folder, faces, target: AttackTarget, matchers, device, log=print) -> dict:
     """Both attacks; returns the metrics.json `attacks` section."""
     notes = {}
-    n = seq.n
-    epochs = max(P.evaluate.inhouse_epochs, 1)
+    n = target.seq.n
+    fit = inhouse.TrainSettings(max(P.evaluate.inhouse_epochs, 1), device=str(device), seed=P.seed)
     train = faces.split("train")
     valid = faces.split("val")
     folder = Path(model_folder) if model_folder and (Path(model_folder) / "model.json").exists() else None
@@ -152,14 +168,13 @@ def run_attacks(P, model_folder, faces, seq, images, test_sets, d_sets, matchers
         log(f"transformed the training split with the FlowSAN model in {folder.name}: {len(train)} images x {n} stages")
     out = {}
     if prot_train:
-        out["adaptive_cnn"] = adaptive_cnn(prot_train[-1], train.gender == 1,
-                                           prot_valid[-1] if prot_valid else train.gray[:0], valid.gender == 1,
-                                           seq, images.is_male, test_sets, boots, epochs, device, P.seed, log)
+        out["adaptive_cnn"] = adaptive_cnn((prot_train[-1], train.gender == 1),
+                                           (prot_valid[-1] if prot_valid else train.gray[:0], valid.gender == 1),
+                                           target, fit, log)
         out["adaptive_cnn"]["setup"]["trained_on"] = f"FlowSAN outputs at t = {n} of the training split"
     else:
         notes["adaptive_cnn"] = "no FlowSAN model folder found in 04_flowsan: attacker cross-fitted on test outputs"
-        out["adaptive_cnn"] = cross_fit_cnn(seq, images.is_male, images.identity, test_sets, boots, epochs, device,
-                                            P.seed, log)
+        out["adaptive_cnn"] = cross_fit_cnn(target, fit, log)
     # descriptor probes train on the identity-labelled sources, the images the matchers evaluate;
     # a copy of a network already probed (native dlib = face-api's ResNet) would only repeat it
     from flowsan_lib.evaluate.suite import SAME_NETWORK
@@ -177,7 +192,6 @@ def run_attacks(P, model_folder, faces, seq, images, test_sets, d_sets, matchers
     prot_desc = {m.name: m.describe(prot_train[-1][known]) for m in matchers} if prot_train else {}
     if not prot_train:
         notes["adaptive_probe"] = "needs the FlowSAN outputs of the training split; not available"
-    out["descriptor_probe"] = descriptor_probes(matchers, d_sets, n, train_desc, y_probe, prot_desc,
-                                                images.is_male, test_sets, boots)
+    out["descriptor_probe"] = descriptor_probes(matchers, train_desc, y_probe, prot_desc, target)
     out["notes"] = notes
     return out

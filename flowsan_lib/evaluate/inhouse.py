@@ -8,6 +8,7 @@ batch norm. The same training function serves the adaptive attacker (trained on 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -113,13 +114,21 @@ def augment_batch(xb: torch.Tensor) -> torch.Tensor:
     return big[..., dy:dy + xb.shape[-2], dx:dx + xb.shape[-1]]
 
 
-def train_cnn(name: str, arch: str, train_x, train_y, valid_x, valid_y, epochs: int,
-              lr: float = 3e-3, batch_size: int = 0, device: str = "cpu", seed: int = 0,
+@dataclass(frozen=True)
+class TrainSettings:
+    """How train_cnn fits a CNN: epochs, one-cycle peak lr, batch size, device and seed."""
+    epochs: int
+    lr: float = 3e-3
+    batch_size: int = 0             # 0: a tenth of the training set in [8, 64], so small sets get several steps
+    device: str | torch.device = "cpu"
+    seed: int = 0
+
+
+def train_cnn(name: str, arch: str, train: tuple, valid: tuple, fit: TrainSettings,
               provenance: dict | None = None) -> tuple[InhouseCNN, dict]:
     """Train a CNN with fastai's one-cycle schedule; returns the frozen model and its history.
 
-    batch_size 0: about a tenth of the training set, between 8 and 64, so that small sets still
-    get several optimizer steps per epoch.
+    train, valid: (images, labels) pairs; an empty valid set reuses up to 64 training images.
     """
     import fastai.callback.schedule  # noqa: F401  (adds Learner.fit_one_cycle)
     from fastai.callback.core import Callback
@@ -137,15 +146,16 @@ def train_cnn(name: str, arch: str, train_x, train_y, valid_x, valid_y, epochs: 
                 self.learn.xb = (augment_batch(self.xb[0]),)
 
     from fastai.torch_core import set_seed
-    set_seed(seed)                               # python, numpy and torch: fastai's shuffling uses `random`
-    batch_size = batch_size or int(np.clip(len(train_y) // 10, 8, 64))
+    epochs, lr = fit.epochs, fit.lr
+    set_seed(fit.seed)                           # python, numpy and torch: fastai's shuffling uses `random`
+    batch_size = fit.batch_size or int(np.clip(len(train[1]) // 10, 8, 64))
     model = InhouseCNN(name, arch, provenance)
-    tx, ty = _tensors(train_x, train_y)
-    vx, vy = _tensors(valid_x, valid_y)
+    tx, ty = _tensors(*train)
+    vx, vy = _tensors(*valid)
     train_ds = list(zip(tx, ty))
     valid_ds = list(zip(vx, vy)) if len(vy) else train_ds[: min(len(train_ds), 64)]
     dls = DataLoaders(DataLoader(train_ds, bs=batch_size, shuffle=True, drop_last=len(train_ds) > batch_size),
-                      DataLoader(valid_ds, bs=256), device=torch.device(device))
+                      DataLoader(valid_ds, bs=256), device=torch.device(fit.device))
     learn = Learner(dls, model.logits, loss_func=CrossEntropyLossFlat(), metrics=accuracy, cbs=[Augment()])
     learn.logger = lambda *a, **k: None          # no printed tables or widget bars: reports stay static
     if any(isinstance(c, ProgressCallback) for c in learn.cbs):

@@ -17,8 +17,6 @@ Conventions
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 FMR_GRID = np.array([1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1, 0.2, 0.5, 1.0])
@@ -128,16 +126,6 @@ def tmr_at_fmr(genuine, impostor, fmr, w_gen=None, w_imp=None):
     return out if np.ndim(fmr) else float(out[0])
 
 
-def verification_roc(genuine, impostor, w_gen=None, w_imp=None):
-    """(fmr, tmr) with a point per distinct score, from (0, 0) to (1, 1)."""
-    scores = np.concatenate([genuine, impostor])
-    labels = np.concatenate([np.ones(len(genuine), bool), np.zeros(len(impostor), bool)])
-    w = None if w_gen is None and w_imp is None else np.concatenate(
-        [_weights(len(genuine), w_gen), _weights(len(impostor), w_imp)])
-    fmr, tmr, _ = roc_curve(scores, labels, w)
-    return fmr, tmr
-
-
 # --- bootstrap --------------------------------------------------------------------------------
 
 def bootstrap_weights(n: int, n_boot: int, seed: int) -> np.ndarray:
@@ -207,23 +195,6 @@ def match_stats(genuine, impostor, gen_idx, imp_idx, boot_weights,
     return out
 
 
-def classifier_metrics(p_male, is_male, boot_weights) -> dict:
-    """AUC, EER and |AUC - 0.5| of P(male) scores, each {"value", "lo", "hi"}, plus counts."""
-    out = {k: summarize(*v) for k, v in gender_stats(p_male, is_male, boot_weights).items()}
-    out["n"] = int(len(p_male))
-    out["n_male"] = int(np.sum(np.asarray(is_male, bool)))
-    return out
-
-
-def matcher_metrics(genuine, impostor, gen_idx, imp_idx, boot_weights, fmrs=(1e-3, 1e-2)) -> dict:
-    """TMR at each FMR, EER, AUC ({"value", "lo", "hi"}), the ROC on FMR_GRID, and counts."""
-    out = {k: summarize(*v) for k, v in match_stats(genuine, impostor, gen_idx, imp_idx, boot_weights, fmrs).items()}
-    out["roc"] = roc_on_grid(genuine, impostor)
-    out["n_genuine"] = int(len(genuine))
-    out["n_impostor"] = int(len(impostor))
-    return out
-
-
 def roc_on_grid(genuine, impostor, grid=FMR_GRID) -> dict:
     """{fmr key: TMR} on a fixed FMR grid (the raw scores are kept beside metrics.json)."""
     return {fmr_key(f): float(t) for f, t in zip(grid, np.atleast_1d(tmr_at_fmr(genuine, impostor, grid)))}
@@ -232,16 +203,3 @@ def roc_on_grid(genuine, impostor, grid=FMR_GRID) -> dict:
 def fmr_key(f: float) -> str:
     """Stable JSON key for an FMR value: 0.001 -> '0.001', 1e-4 -> '0.0001'."""
     return f"{f:.6f}".rstrip("0").rstrip(".") if f < 1 else "1"
-
-
-def nan_to_none(obj):
-    """Recursively replace NaN/inf floats by None so the result is strict JSON."""
-    if isinstance(obj, dict):
-        return {k: nan_to_none(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [nan_to_none(v) for v in obj]
-    if isinstance(obj, (float, np.floating)):
-        return float(obj) if math.isfinite(obj) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj

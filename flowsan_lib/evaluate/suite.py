@@ -13,6 +13,7 @@ import torch
 
 from flowsan_lib.core.device import require_on
 from flowsan_lib.evaluate import classical, inhouse
+from flowsan_lib.models.interfaces import p_male
 
 
 def _batches(images, batch_size: int, device):
@@ -41,11 +42,9 @@ class TorchClassifier:
     def provenance(self) -> dict:
         return dict(getattr(self.module, "provenance", {}))
 
-    @torch.no_grad()
     def p_male(self, images) -> np.ndarray:
         require_on(self.module, self.device, f"classifier {self.name}")
-        out = [self.module(b).float().cpu() for b in _batches(images, self.batch_size, self.device)]
-        return torch.cat(out).numpy().astype(np.float64) if out else np.zeros(0)
+        return p_male(self.module, images, self.batch_size).astype(np.float64)
 
 
 @dataclass
@@ -96,9 +95,9 @@ def matchers(names, seen: str | list[str], device) -> list[TorchMatcher]:
     return [TorchMatcher(load_matcher(n, device), seen=is_seen_matcher(n, seen), device=device) for n in names]
 
 
-def inhouse_classifiers(faces_gray, source, split, is_male, epochs: int, folder, device, seed: int,
+def inhouse_classifiers(faces_gray, source, split, is_male, folder, fit: inhouse.TrainSettings,
                         log=print) -> tuple[list[TorchClassifier], dict]:
-    """Train (or reload) one CNN per source's training split and one on their union."""
+    """Train (or reload) one CNN per source's training split and one on their union, on fit.device."""
     sources = [s for s in dict.fromkeys(source) if np.any((source == s) & (split == "train"))]
     out, history = [], {}
     for name, srcs, arch in inhouse.inhouse_plan(sources):
@@ -107,12 +106,12 @@ def inhouse_classifiers(faces_gray, source, split, is_male, epochs: int, folder,
         if (folder / f"{name}.safetensors").exists():          # resume after an interruption
             model = inhouse.load_cnn(folder, name)
         else:
-            log(f"training {name} ({arch}) on {'+'.join(srcs)}: {tr.sum()} images, {epochs} epochs")
+            log(f"training {name} ({arch}) on {'+'.join(srcs)}: {tr.sum()} images, {fit.epochs} epochs")
             model, history[name] = inhouse.train_cnn(
-                name, arch, faces_gray[tr], is_male[tr], faces_gray[va], is_male[va], epochs,
-                device=str(device), seed=seed, provenance={"train_sources": "+".join(srcs)})
+                name, arch, (faces_gray[tr], is_male[tr]), (faces_gray[va], is_male[va]), fit,
+                provenance={"train_sources": "+".join(srcs)})
             inhouse.save_cnn(model, folder)
-        out.append(TorchClassifier(model.to(device), "inhouse", False, device=device))  # its own copy, on device
+        out.append(TorchClassifier(model.to(fit.device), "inhouse", False, device=fit.device))  # own copy, on device
     return out, history
 
 

@@ -2,7 +2,7 @@
 """
 from __future__ import annotations
 
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -10,6 +10,7 @@ import torch
 from flowsan_lib.core.device import pick_device, resolve_precision
 from flowsan_lib.method.fit import (
     Augment,
+    FitFiles,
     TensorLoader,
     build_learner,
     fit_resumable,
@@ -37,8 +38,16 @@ def gray_batch_fn(gray, y: np.ndarray, rows: np.ndarray, device="cpu"):
     return fn
 
 
-def train_aux(net, gray: np.ndarray, y: np.ndarray, train_rows, valid_rows, ap, *, seed: int, tag: str,
-              ckpt_dir: Path, history: Path, params: dict, device="cpu", gpus: int = 1) -> dict:
+@dataclass(frozen=True)
+class AuxData:
+    """The faces one auxiliary classifier trains and validates on: uint8 crops, labels and the rows of each split."""
+    gray: np.ndarray          # uint8 [N,R,R]
+    y: np.ndarray             # 1 = male, 0 = female
+    train_rows: np.ndarray
+    valid_rows: np.ndarray
+
+
+def train_aux(net, data: AuxData, ap, files: FitFiles, seed: int, device="cpu", gpus: int = 1) -> dict:
     """Train one auxiliary gender CNN (fastai one-cycle, CrossEntropy on its two logits), on net's device.
 
     gpus > 1: data parallel in that many processes (ap.batch_size is the global batch); the weights are
@@ -48,59 +57,48 @@ def train_aux(net, gray: np.ndarray, y: np.ndarray, train_rows, valid_rows, ap, 
     device = torch.device(device)
     require_on(net, device, f"auxiliary classifier {getattr(net, 'name', '')}")
     if gpus <= 1:
-        return _fit_aux(net, gray, y, train_rows, valid_rows, ap, seed=seed, tag=tag, ckpt_dir=ckpt_dir,
-                        history=history, params=params, device=device)
+        return _fit_aux(net, data, ap, files, seed, device)
     import copy
 
     from safetensors.torch import load_file
 
     from flowsan_lib.method.parallel import launch
-    done_before, _ = last_checkpoint(ckpt_dir)
-    launch(_aux_worker, gpus, copy.deepcopy(net).cpu(), np.asarray(gray), np.asarray(y), np.asarray(train_rows),
-           np.asarray(valid_rows), ap, dict(seed=seed, tag=tag, ckpt_dir=ckpt_dir, history=history, params=params),
-           device.type, use_cuda=device.type == "cuda")
-    done, path = last_checkpoint(ckpt_dir)
+    done_before, _ = last_checkpoint(files.ckpt_dir)
+    host = AuxData(*(np.asarray(a) for a in (data.gray, data.y, data.train_rows, data.valid_rows)))
+    launch(_aux_worker, gpus, copy.deepcopy(net).cpu(), host, ap, files, seed, device.type,
+           use_cuda=device.type == "cuda")
+    done, path = last_checkpoint(files.ckpt_dir)
     if path is None or done < ap.epochs:
-        raise RuntimeError(f"{tag}: data-parallel training ended without a checkpoint of epoch {ap.epochs}")
+        raise RuntimeError(f"{files.tag}: data-parallel training ended without a checkpoint of epoch {ap.epochs}")
     net.load_state_dict({k[len("model.net."):]: v for k, v in load_file(str(path)).items()
                          if k.startswith("model.net.")})
     net.eval()
-    return {"epochs": ap.epochs, "resumed_after": done_before, "seconds": history_seconds(history), "gpus": gpus}
+    return {"epochs": ap.epochs, "resumed_after": done_before, "seconds": history_seconds(files.history),
+            "gpus": gpus}
 
 
-def _aux_worker(net, gray, y, train_rows, valid_rows, ap, kw: dict, device_type: str):
+def _aux_worker(net, data: AuxData, ap, files: FitFiles, seed: int, device_type: str):
     """One data-parallel process of auxiliary-classifier training (parallel.launch)."""
     device = pick_device(device_type)
-    _fit_aux(net.to(device), gray, y, train_rows, valid_rows, ap, device=device, **kw)
+    _fit_aux(net.to(device), data, ap, files, seed, device)
 
 
-def _fit_aux(net, gray, y, train_rows, valid_rows, ap, *, seed: int, tag: str, ckpt_dir: Path, history: Path,
-             params: dict, device) -> dict:
+def _fit_aux(net, data: AuxData, ap, files: FitFiles, seed: int, device) -> dict:
     from torch import nn
 
     from flowsan_lib.models.aux_cnn import LogitsView
-    g = torch.from_numpy(np.ascontiguousarray(gray)).to(device)       # uint8, once, shared by both loaders
-    tl = TensorLoader(len(train_rows), gray_batch_fn(g, y, train_rows, device), ap.batch_size, shuffle=True,
-                      seed=seed, device=device, rank=rank(), world=world())
-    vl = TensorLoader(len(valid_rows), gray_batch_fn(g, y, valid_rows, device), max(ap.batch_size, 128),
-                      device=device)
+    g = torch.from_numpy(np.ascontiguousarray(data.gray)).to(device)   # uint8, once, shared by both loaders
+    tl = TensorLoader(len(data.train_rows), gray_batch_fn(g, data.y, data.train_rows, device), ap.batch_size,
+                      shuffle=True, seed=seed, device=device, shard=(rank(), world()))
+    vl = TensorLoader(len(data.valid_rows), gray_batch_fn(g, data.y, data.valid_rows, device),
+                      max(ap.batch_size, 128), device=device)
     cbs = [Augment(seed)] if ap.augment else []
     if device.type == "cuda":
         net.to(memory_format=torch.channels_last)
     learn = build_learner(LogitsView(net), make_dls(tl, vl, n_inp=1), nn.CrossEntropyLoss(), cbs,
                           precision=resolve_precision(getattr(ap, "precision", "fp32"), device))
-    summary = fit_resumable(learn, ap.epochs, ap.lr, ckpt_dir, params, tag, history, seed, one_cycle=True,
-                            batch_param="aux.batch_size")
+    summary = fit_resumable(learn, ap.epochs, ap.lr, files, seed, one_cycle=True, batch_param="aux.batch_size")
     net.eval()
     return summary
 
 
-@torch.no_grad()
-def predict_p_male(net, gray: np.ndarray, bs: int = 256) -> np.ndarray:
-    """P(male) of a classifier on uint8 faces, computed on the classifier's device."""
-    from flowsan_lib.core.device import module_device
-    net.eval()
-    at = module_device(net)
-    x = torch.from_numpy(np.ascontiguousarray(gray))
-    return torch.cat([net(x[i:i + bs].to(at).float().div(255).unsqueeze(1)).float().cpu()
-                      for i in range(0, len(x), bs)]).numpy()

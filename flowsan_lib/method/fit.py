@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import time
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Callable
@@ -64,7 +65,8 @@ class TensorLoader(DataLoader):
     """
 
     def __init__(self, n: int, batch_fn: Callable, bs: int, shuffle: bool = False, seed: int = 0,
-                 device=None, drop_last: bool | None = None, rank: int = 0, world: int = 1):
+                 device=None, drop_last: bool | None = None, shard: tuple[int, int] = (0, 1)):
+        rank, world = shard                # this process's rank and the number of data-parallel processes
         if n == 0:
             raise ValueError("cannot build a data loader over 0 rows")
         if bs % world:
@@ -438,13 +440,22 @@ def build_learner(model, dls: DataLoaders, loss_func, cbs=(), precision: str = "
     return learn
 
 
-def fit_resumable(learn: Learner, epochs: int, lr: float, ckpt_dir: Path, params: dict, tag: str,
-                  history: Path, seed: int, one_cycle: bool = False, extra_cbs=(),
-                  batch_param: str = "san.batch_size") -> dict:
-    """Fit for `epochs`, resuming from the newest checkpoint in ckpt_dir; returns a summary.
+@dataclass(frozen=True)
+class FitFiles:
+    """Where one training keeps its per-epoch checkpoints and history, and what they must match."""
+    tag: str              # names the training in progress lines and messages
+    ckpt_dir: Path
+    history: Path         # History CSV
+    params: dict          # the values the weights depend on: a checkpoint made with others is refused
+
+
+def fit_resumable(learn: Learner, epochs: int, lr: float, files: FitFiles, seed: int, *, one_cycle: bool = False,
+                  extra_cbs=(), batch_param: str = "san.batch_size") -> dict:
+    """Fit for `epochs`, resuming from the newest checkpoint in files.ckpt_dir; returns a summary.
 
     batch_param: the parameter an out-of-memory error on the GPU names.
     """
+    ckpt_dir, params, tag, history = files.ckpt_dir, files.params, files.tag, files.history
     done, path = last_checkpoint(ckpt_dir)
     if done > epochs:
         raise ValueError(f"{ckpt_dir} holds {done} epochs but this run asks for {epochs}: "

@@ -9,6 +9,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from flowsan_lib.core.config import SanParams
+
 
 def pixel_loss(out: torch.Tensor, target: torch.Tensor, kind: str = "l1") -> torch.Tensor:
     """J_D: mean per-pixel dissimilarity of I'_sm to the target; "bce" as the paper (eq. 2), "l1" as the code."""
@@ -84,17 +86,16 @@ class SanLoss(nn.Module):
     processes' losses is then the loss of one process on the whole global batch (also in `last`).
     """
 
-    def __init__(self, gender: nn.Module, matcher: nn.Module | None = None, w_pixel: float = 1.0,
-                 w_match: float = 8.0, w_gender: float = 1.0, pixel: str = "l1", pixel_target: str = "original",
-                 match_reduction: str = "sum", gender_target: str = "flip", match_distance: str = "squared",
-                 diversity: bool = False):
+    def __init__(self, gender: nn.Module, matcher: nn.Module | None = None, sp: SanParams | None = None,
+                 match_reduction: str = "sum"):
         super().__init__()
+        sp = SanParams() if sp is None else sp   # the terms' weights and kinds, read by name
         self.gender, self.matcher = gender, matcher
-        self.w_pixel, self.w_match, self.w_gender = w_pixel, w_match, w_gender
-        self.pixel, self.pixel_target = pixel, pixel_target
-        self.match_reduction, self.gender_target = match_reduction, gender_target
-        self.match_distance, self.diversity = match_distance, diversity
-        self.diversity_seed = None        # set per training batch by flow.LossPhase; None = no diversity
+        self.w_pixel, self.w_match, self.w_gender = sp.w_pixel, sp.w_match, sp.w_gender
+        self.pixel, self.pixel_target = sp.pixel_loss, sp.pixel_target
+        self.match_reduction, self.gender_target = match_reduction, sp.gender_target
+        self.match_distance, self.diversity = sp.match_distance, sp.input_diversity
+        self.diversity_seed = None        # set per training batch by san_training.DiversitySeed; None = none
         self.use_match = True
         self.match_scale = 1
         self.last: dict[str, torch.Tensor] = {}

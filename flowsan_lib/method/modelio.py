@@ -21,6 +21,7 @@ from flowsan_lib.core.integrity import IntegrityError, confined, sha256_file
 from flowsan_lib.method.apply import ens_avg, flow_sequence, member_outputs
 from flowsan_lib.method.prototypes import ProtoBank, load_prototypes, make_bank, select_channels
 from flowsan_lib.models.aux_cnn import AuxGenderCNN, load_aux
+from flowsan_lib.models.interfaces import p_male
 from flowsan_lib.models.san import SAN
 
 MODEL_FORMAT = 1
@@ -120,15 +121,13 @@ class FlowModel:
             raise ModelError(f"model {self.folder} warps prototypes onto landmarks: pass each face's 5 landmarks")
         return make_bank(self.protos, self.channels, self.warp, landmarks)
 
-    @torch.no_grad()
-    def predict_gender(self, x: torch.Tensor) -> torch.Tensor:
-        """Label-free mode: 1/0 labels from the model's auxiliary classifier G_1 (P(male) > 0.5)."""
+    def aux_p_male(self, x: torch.Tensor) -> np.ndarray:
+        """Label-free mode: P(male) of the model's auxiliary classifier G_1 on gray crops [N,1,R,R]."""
         if self.aux is None:
             raise ModelError(f"model {self.folder} has no auxiliary classifier: label-free mode is not available; "
                              "pass gender labels instead")
         self.check_images(x)
-        p = torch.cat([self.aux(x[i:i + 256]) for i in range(0, len(x), 256)])
-        return (p > 0.5).float()
+        return p_male(self.aux, x)
 
     def outputs(self, x: torch.Tensor, y: torch.Tensor, landmarks=None, t: int | None = None, device=None,
                 groups=None) -> list[torch.Tensor]:
@@ -145,9 +144,10 @@ class FlowModel:
         return member_outputs(self.stages, x, bank, y, t, device=device, precision="fp32")
 
     def anonymize(self, x: torch.Tensor, y: torch.Tensor, landmarks=None, t: int | None = None,
-                  seed: int = 0) -> torch.Tensor:
-        """The privacy output at t: FlowSAN Psi(I, t); ensemble Ens-Avg of the first t members."""
-        outs = self.outputs(x, y, landmarks, t)
+                  seed: int = 0, device=None) -> torch.Tensor:
+        """The privacy output at t: FlowSAN Psi(I, t); ensemble Ens-Avg of the first t members (device: where
+        to compute, as in `outputs`)."""
+        outs = self.outputs(x, y, landmarks, t, device=device)
         return outs[-1] if self.kind == "flowsan" else ens_avg(outs, len(outs))
 
 

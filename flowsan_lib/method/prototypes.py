@@ -98,15 +98,6 @@ def _source_coords(src: np.ndarray, dst: torch.Tensor, tris: np.ndarray, r: int)
     return (w[..., None] * s).sum(2).reshape(len(dst), r, r, 2)
 
 
-def warp_prototype(image: np.ndarray, src_landmarks: np.ndarray, dst_landmarks: np.ndarray) -> np.ndarray:
-    """Piecewise-affine warp of one prototype [C,R,R] so its 5 landmarks land on dst_landmarks [5,2]."""
-    img = torch.from_numpy(np.asarray(image, np.float32))[None]
-    src = torch.from_numpy(np.asarray(src_landmarks, np.float64))
-    out = warp_prototypes(img.expand(2, -1, -1, -1).contiguous(), torch.stack([src, src]),
-                          np.asarray(dst_landmarks)[None], as_uint8=False)
-    return out[0, 0].numpy()
-
-
 def warp_prototypes(protos: torch.Tensor, proto_landmarks: torch.Tensor, landmarks: np.ndarray,
                     as_uint8: bool = True, chunk: int = 32) -> torch.Tensor:
     """Both prototypes [2,C,R,R] warped onto each face's landmarks [N,5,2] -> [N,2,C,R,R].

@@ -26,6 +26,7 @@ from flowsan_lib.core.integrity import sha256_file
 from flowsan_lib.core.seeding import derive_seed
 from flowsan_lib.method.apply import apply_san, as_float
 from flowsan_lib.method.fit import (
+    FitFiles,
     MatchWarmup,
     TensorLoader,
     build_learner,
@@ -120,8 +121,7 @@ def cached_descriptors(matcher, name: str, gray: np.ndarray, path: Path, device=
 
 def san_loss(sp, gender, matcher) -> SanLoss:
     """The loss of one SAN from SanParams, with its frozen G_i and the shared M."""
-    return SanLoss(gender, matcher, sp.w_pixel, sp.w_match, sp.w_gender, sp.pixel_loss, sp.pixel_target,
-                   MATCH_REDUCTION, sp.gender_target, sp.match_distance, sp.input_diversity)
+    return SanLoss(gender, matcher, sp, match_reduction=MATCH_REDUCTION)
 
 
 def frozen_for_loss(net, device):
@@ -138,46 +138,55 @@ def frozen_for_loss(net, device):
     return net.eval().to(memory_format=torch.channels_last)
 
 
-def train_san(san: SAN, train: StageData, valid: StageData, gender, matcher, sp, *, seed: int, tag: str,
-              ckpt_dir: Path, history: Path, params: dict, device="cpu", extra_cbs=(), gpus: int = 1) -> dict:
-    """Train one SAN with fastai (resuming from ckpt_dir); returns the fit summary.
+@dataclass(frozen=True)
+class SanFit:
+    """How one SAN trains: its parameters, seed, files, device and parallelism."""
+    sp: object                       # SanParams of this stage (sp.for_stage(i))
+    seed: int
+    files: FitFiles                  # checkpoints, history, and the parameters they must match
+    device: torch.device
+    extra_cbs: tuple = ()            # more fastai callbacks (tests: an interruption)
+    gpus: int = 1                    # > 1: data parallel in that many processes
 
-    The SAN, the data and the frozen networks must already live on `device`. gpus > 1: data parallel
+
+def train_san(san: SAN, train: StageData, valid: StageData, gender, matcher, fit: SanFit) -> dict:
+    """Train one SAN with fastai (resuming from fit.files.ckpt_dir); returns the fit summary.
+
+    The SAN, the data and the frozen networks must already live on `fit.device`. gpus > 1: data parallel
     in that many processes (`parallel.launch`; sp.batch_size is the global batch); the trained
     weights are then read back from the last per-epoch checkpoint.
     """
-    device = torch.device(device)
+    fit = dataclasses.replace(fit, device=torch.device(fit.device))
+    device = fit.device
     require_on(san, device, "the SAN being trained")
     if not same_device(train.device, device) or not same_device(valid.device, device):
         raise ValueError(f"training data on {train.device}/{valid.device}, SAN on {device}: put them on one device")
-    if gpus <= 1:
-        return _fit_san(san, train, valid, gender, matcher, sp, seed=seed, tag=tag, ckpt_dir=ckpt_dir,
-                        history=history, params=params, device=device, extra_cbs=extra_cbs)
+    if fit.gpus <= 1:
+        return _fit_san(san, train, valid, gender, matcher, fit)
     from flowsan_lib.method.parallel import launch
     cpu = torch.device("cpu")
     cpu_copy = lambda m: None if m is None else copy.deepcopy(m).to(cpu)   # the shared modules stay where they are
-    done_before, _ = last_checkpoint(ckpt_dir)
-    launch(_san_worker, gpus, {k: v.detach().cpu() for k, v in san.state_dict().items()}, san.config(),
-           train.to(cpu), valid.to(cpu), cpu_copy(gender), cpu_copy(matcher), sp,
-           dict(seed=seed, tag=tag, ckpt_dir=ckpt_dir, history=history, params=params, extra_cbs=extra_cbs,
-                device_type=device.type),
-           use_cuda=device.type == "cuda")
-    done, path = last_checkpoint(ckpt_dir)
-    if path is None or done < sp.epochs:
-        raise RuntimeError(f"{tag}: data-parallel training ended without a checkpoint of epoch {sp.epochs} in {ckpt_dir}")
+    done_before, _ = last_checkpoint(fit.files.ckpt_dir)
+    launch(_san_worker, fit.gpus, {k: v.detach().cpu() for k, v in san.state_dict().items()}, san.config(),
+           train.to(cpu), valid.to(cpu), cpu_copy(gender), cpu_copy(matcher), fit, use_cuda=device.type == "cuda")
+    done, path = last_checkpoint(fit.files.ckpt_dir)
+    if path is None or done < fit.sp.epochs:
+        raise RuntimeError(f"{fit.files.tag}: data-parallel training ended without a checkpoint of epoch "
+                           f"{fit.sp.epochs} in {fit.files.ckpt_dir}")
     from safetensors.torch import load_file
     san.load_state_dict({k[6:]: v for k, v in load_file(str(path)).items() if k.startswith("model.")})
-    return {"epochs": sp.epochs, "resumed_after": done_before, "seconds": history_seconds(history), "gpus": gpus}
+    return {"epochs": fit.sp.epochs, "resumed_after": done_before, "seconds": history_seconds(fit.files.history),
+            "gpus": fit.gpus}
 
 
-def _san_worker(state: dict, config: dict, train: StageData, valid: StageData, gender, matcher, sp, kw: dict):
+def _san_worker(state: dict, config: dict, train: StageData, valid: StageData, gender, matcher, fit: SanFit):
     """One data-parallel process: its own copies of everything, on its own device (parallel.launch)."""
-    device = pick_device(kw.pop("device_type"))                         # cuda -> this process's GPU
+    device = pick_device(fit.device.type)                               # cuda -> this process's GPU
     san = SAN(**config)
     san.load_state_dict(state)
     san.to(device)
     on = lambda m: None if m is None else m.to(device)                 # this process's own copies
-    _fit_san(san, train.to(device), valid.to(device), on(gender), on(matcher), sp, device=device, **kw)
+    _fit_san(san, train.to(device), valid.to(device), on(gender), on(matcher), dataclasses.replace(fit, device=device))
 
 
 class DiversitySeed(Callback):
@@ -206,21 +215,22 @@ class MatchShare(Callback):
         self.loss_func.match_scale = 1
 
 
-def _fit_san(san: SAN, train: StageData, valid: StageData, gender, matcher, sp, *, seed: int, tag: str,
-             ckpt_dir: Path, history: Path, params: dict, device, extra_cbs=()) -> dict:
+def _fit_san(san: SAN, train: StageData, valid: StageData, gender, matcher, fit: SanFit) -> dict:
+    sp, device = fit.sp, fit.device
     gender, matcher = frozen_for_loss(gender, device), frozen_for_loss(matcher, device)
     loss = san_loss(sp, gender, matcher)
-    tl = TensorLoader(len(train), train.batch_fn(sp.pixel_target), sp.batch_size, shuffle=True, seed=seed,
-                      device=device, rank=rank(), world=world())
+    tl = TensorLoader(len(train), train.batch_fn(sp.pixel_target), sp.batch_size, shuffle=True, seed=fit.seed,
+                      device=device, shard=(rank(), world()))
     # same batch size for validation: a sum-reduced J_M scales with it (every process validates it all)
     vl = TensorLoader(len(valid), valid.batch_fn(sp.pixel_target), sp.batch_size, device=device)
     if device.type == "cuda":
         san.to(memory_format=torch.channels_last)     # tensor-core friendly layout; the same values
     if sp.compile:
         san.compile()                                 # in place: the state_dict keys stay the same
-    learn = build_learner(san, make_dls(tl, vl, n_inp=3), loss, cbs=[MatchWarmup(sp.match_warmup_epochs), MatchShare(), DiversitySeed(seed)],
+    learn = build_learner(san, make_dls(tl, vl, n_inp=3), loss,
+                          cbs=[MatchWarmup(sp.match_warmup_epochs), MatchShare(), DiversitySeed(fit.seed)],
                           precision=resolve_precision(sp.precision, device))
-    summary = fit_resumable(learn, sp.epochs, sp.lr, ckpt_dir, params, tag, history, seed, extra_cbs=extra_cbs,
+    summary = fit_resumable(learn, sp.epochs, sp.lr, fit.files, fit.seed, extra_cbs=fit.extra_cbs,
                             batch_param="san.batch_size")
     san.eval()
     return summary
@@ -263,109 +273,132 @@ def _aux_sha(g) -> str:
     return g.provenance.get("sha256", "") if hasattr(g, "provenance") else ""
 
 
-def _train_or_load(role: str, i: int, sp, seed: int, train: StageData, valid: StageData, gender, matcher,
-                   folder: Path, ckpt_root: Path, hist_root: Path, params: dict, init: SAN | None,
-                   device, extra_cbs, gpus: int = 1) -> tuple[SAN, dict]:
-    """Stage i of `role`: load its finished file if it matches `params`, else train (resuming) and save."""
-    final = folder / f"stage{i:02d}.safetensors"
+@dataclass(frozen=True)
+class SanRun:
+    """What every SAN of one 04_flowsan run shares."""
+    sp: object                       # SanParams (per stage: sp.for_stage(i))
+    seed: int                        # the run seed; each SAN's seeds derive from it
+    matcher: object                  # the frozen J_M network(s) on `device`, or None
+    ckpt_root: Path                  # <role>/stageNN per-epoch checkpoints
+    hist_root: Path                  # <role>_stageNN.csv histories
+    base: dict                       # run-level values every SAN depends on (base_params)
+    device: torch.device = torch.device("cpu")
+    extra_cbs: object = None         # (role, i) -> more callbacks, or None
+    gpus: int = 1
+
+
+@dataclass(frozen=True)
+class SanStage:
+    """One SAN to train or load: stage i of a role, with the values its weights depend on."""
+    role: str                        # "flowsan" or "ensemble"
+    i: int
+    folder: Path                     # where stageNN.safetensors is kept
+    params: dict                     # _stage_params: a file made with other values is refused
+
+
+def _train_or_load(run: SanRun, stage: SanStage, data: tuple[StageData, StageData], gender,
+                   init: SAN | None = None, gpus: int = 1) -> tuple[SAN, dict]:
+    """Stage i of `role`: load its finished file if it matches its params, else train (resuming) and save."""
+    role, i, params = stage.role, stage.i, stage.params
+    final = stage.folder / f"stage{i:02d}.safetensors"
     tag = f"{role} stage {i}"
     if final.exists():
         san, meta = read_san(final)
         if meta.get("params") != params:
-            raise ModelError(f"{final} was trained with different parameters; delete {folder} to retrain")
+            raise ModelError(f"{final} was trained with different parameters; delete {stage.folder} to retrain")
         print(f"[{tag}] done earlier ({final.name}); loaded", flush=True)
-        return san.to(device), {**meta.get("summary", {}), "loaded": True}
-    torch.manual_seed(derive_seed(seed, "san-init", i))  # the same start for FlowSAN stage i and member i
+        return san.to(run.device), {**meta.get("summary", {}), "loaded": True}
+    sp = run.sp.for_stage(i)
+    train, valid = data
+    torch.manual_seed(derive_seed(run.seed, "san-init", i))  # the same start for FlowSAN stage i and member i
     san = SAN(params["resolution"], train.bank.channels, sp.width,   # CPU generator: the same start on any device
               residual_eps=sp.eps if sp.output == "residual" else 0.0, center_edit=sp.center_edit)
     if init is not None:
         san.load_state_dict(init.state_dict())
-    san = san.to(device)                                 # a fresh module: created here, then trained in place
-    summary = train_san(san, train, valid, gender, matcher, sp, seed=derive_seed(seed, "san", i), tag=tag,
-                        ckpt_dir=ckpt_root / role / f"stage{i:02d}", history=hist_root / f"{role}_stage{i:02d}.csv",
-                        params=params, device=device, extra_cbs=extra_cbs(role, i) if extra_cbs else (), gpus=gpus)
-    folder.mkdir(parents=True, exist_ok=True)
+    san = san.to(run.device)                             # a fresh module: created here, then trained in place
+    files = FitFiles(tag, run.ckpt_root / role / f"stage{i:02d}", run.hist_root / f"{role}_stage{i:02d}.csv", params)
+    fit = SanFit(sp, derive_seed(run.seed, "san", i), files, run.device,
+                 tuple(run.extra_cbs(role, i)) if run.extra_cbs else (), gpus)
+    summary = train_san(san, train, valid, gender, run.matcher, fit)
+    stage.folder.mkdir(parents=True, exist_ok=True)
     save_san(san, final, {"params": params, "summary": summary})
     return san, summary
 
 
-def train_ensemble(sp, seed: int, train: StageData, valid: StageData, aux: list, matcher, folder: Path,
-                   ckpt_root: Path, hist_root: Path, base: dict, device="cpu", extra_cbs=None, gpus: int = 1):
+def _member(run: SanRun, folder: Path, i: int, g) -> SanStage:
+    params = _stage_params(run.base, run.sp.for_stage(i), "ensemble", i, _aux_sha(g), "original", "scratch")
+    return SanStage("ensemble", i, Path(folder), params)
+
+
+def train_ensemble(run: SanRun, train: StageData, valid: StageData, aux: list, folder: Path):
     """n SANs, each on the unmodified images with its own G_i; returns (members, per-member summaries).
 
-    gpus > 1: the members are independent, so they train in parallel, one process per GPU (member i on
-    GPU (i-1) mod gpus), each writing its stage file; this process then loads them.
+    run.gpus > 1: the members are independent, so they train in parallel, one process per GPU (member i
+    on GPU (i-1) mod gpus), each writing its stage file; this process then loads them.
     """
-    device = torch.device(device)
-    n = sp.n_stages
+    run = dataclasses.replace(run, device=torch.device(run.device))
+    n = run.sp.n_stages
     todo = [i for i in range(1, n + 1) if not (Path(folder) / f"stage{i:02d}.safetensors").exists()]
-    if gpus > 1 and len(todo) > 1:
+    if run.gpus > 1 and len(todo) > 1:
         from flowsan_lib.method.parallel import launch
         cpu = torch.device("cpu")
         copies = lambda ms: [None if m is None else copy.deepcopy(m).to(cpu) for m in ms]
-        w = min(gpus, len(todo))
-        launch(_members_worker, w, w, todo, sp, seed, train.to(cpu), valid.to(cpu), copies(aux),
-               copies([matcher])[0], folder, ckpt_root, hist_root, base, device.type,
-               use_cuda=device.type == "cuda", distributed=False)
+        w = min(run.gpus, len(todo))
+        shipped = dataclasses.replace(run, matcher=copies([run.matcher])[0], extra_cbs=None)
+        launch(_members_worker, w, w, todo, shipped, (train.to(cpu), valid.to(cpu)), copies(aux), folder,
+               use_cuda=run.device.type == "cuda", distributed=False)
     members, info = [], []
     for i in range(1, n + 1):
-        spi = sp.for_stage(i)
-        params = _stage_params(base, spi, "ensemble", i, _aux_sha(aux[i - 1]), "original", "scratch")
-        san, s = _train_or_load("ensemble", i, spi, seed, train, valid, aux[i - 1], matcher, folder, ckpt_root,
-                                hist_root, params, None, device, extra_cbs)
-        if gpus > 1 and i in todo:
+        san, s = _train_or_load(run, _member(run, folder, i, aux[i - 1]), (train, valid), aux[i - 1])
+        if run.gpus > 1 and i in todo:
             s = {**s, "loaded": False, "parallel_members": True}
         members.append(san)
         info.append(s)
     return members, info
 
 
-def _members_worker(w: int, todo: list[int], sp, seed, train, valid, aux, matcher, folder, ckpt_root, hist_root,
-                    base, device_type: str):
+def _members_worker(w: int, todo: list[int], run: SanRun, data: tuple, aux: list, folder: Path):
     """Ensemble members todo[rank::w], one process per GPU (parallel.launch without a process group)."""
     import os
     r = int(os.environ["LOCAL_RANK"])
-    device = pick_device(device_type)
-    train, valid = train.to(device), valid.to(device)
-    matcher = None if matcher is None else matcher.to(device)
+    device = pick_device(run.device.type)
+    run = dataclasses.replace(run, device=device, matcher=None if run.matcher is None else run.matcher.to(device))
+    data = tuple(d.to(device) for d in data)
     for i in todo[r::w]:
-        g, spi = aux[i - 1].to(device), sp.for_stage(i)
-        params = _stage_params(base, spi, "ensemble", i, _aux_sha(g), "original", "scratch")
-        _train_or_load("ensemble", i, spi, seed, train, valid, g, matcher, folder, ckpt_root, hist_root, params,
-                       None, device, None)
+        g = aux[i - 1].to(device)
+        _train_or_load(run, _member(run, folder, i, g), data, g)
 
 
-def train_flowsan(sp, seed: int, train: StageData, valid: StageData, aux: list, matcher, folder: Path,
-                  ckpt_root: Path, hist_root: Path, base: dict, members: list[SAN] | None = None,
-                  device="cpu", extra_cbs=None, transform_bs: int = 128, members_info: list[dict] | None = None,
-                  gpus: int = 1):
+def train_flowsan(run: SanRun, train: StageData, valid: StageData, aux: list, folder: Path,
+                  members: list[SAN] | None = None, members_info: list[dict] | None = None,
+                  transform_bs: int = 128):
     """SAN_1..SAN_n in order; SAN_i trains on the training set transformed by SAN_1..SAN_(i-1).
 
     members: trained ensemble SANs; with sp.init_from_ensemble each stage starts from member i (as the
     paper), otherwise stage 1 IS member 1 (same images, G_1, seed and start) and is shared, not retrained.
     Returns (stages, per-stage summaries with training and transform seconds).
     """
+    run = dataclasses.replace(run, device=torch.device(run.device))
+    folder, device = Path(folder), run.device
     stages, info = [], []
     x_tr, x_va = train.inputs, valid.inputs
     prev = "original"
-    for i in range(1, sp.n_stages + 1):
+    for i in range(1, run.sp.n_stages + 1):
         t_transform = 0.0
         if i > 1:  # the new stage's inputs are the previous stage's outputs, computed once under no_grad
             t0 = time.time()
             x_tr = apply_san(stages[-1], x_tr, train.bank, train.y, transform_bs, device, precision="fp32")
             x_va = apply_san(stages[-1], x_va, valid.bank, valid.y, transform_bs, device, precision="fp32")
             t_transform = time.time() - t0
-        init = members[i - 1] if sp.init_from_ensemble and members else None
-        spi = sp.for_stage(i)
-        params = _stage_params(base, spi, "flowsan", i, _aux_sha(aux[i - 1]), prev,
+        init = members[i - 1] if run.sp.init_from_ensemble and members else None
+        params = _stage_params(run.base, run.sp.for_stage(i), "flowsan", i, _aux_sha(aux[i - 1]), prev,
                                "ensemble" if init is not None else "scratch")
         if i == 1 and init is None and members:
             san, s = _share_member(members[0], folder, params)
             s["seconds"] = (members_info or [{}])[0].get("seconds", 0.0)  # the training it shares
         else:
-            san, s = _train_or_load("flowsan", i, spi, seed, train.with_inputs(x_tr), valid.with_inputs(x_va),
-                                    aux[i - 1], matcher, folder, ckpt_root, hist_root, params, init, device,
-                                    extra_cbs, gpus)
+            san, s = _train_or_load(run, SanStage("flowsan", i, folder, params),
+                                    (train.with_inputs(x_tr), valid.with_inputs(x_va)), aux[i - 1], init, run.gpus)
         stages.append(san)
         info.append({**s, "transform_seconds": round(t_transform, 3)})
         prev = sha256_file(folder / f"stage{i:02d}.safetensors")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 import typing
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -56,6 +57,25 @@ class GenderClassifier(FrozenModel):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+
+@torch.no_grad()
+def p_male(net: nn.Module, images, bs: int = 256) -> np.ndarray:
+    """P(male) of a gender classifier in batches on its own device: float32 [N] on the host.
+
+    images: gray crops [N,R,R] or [N,1,R,R], uint8 (0..255) or float in [0,1], numpy or a tensor on any
+    device. The one way the workbench scores a classifier (aux metrics, the seen check, the suites, attacks).
+    """
+    from flowsan_lib.core.device import module_device
+    at = module_device(net)
+    x = torch.as_tensor(np.ascontiguousarray(images)) if isinstance(images, np.ndarray) else images
+    if x.ndim == 3:
+        x = x.unsqueeze(1)
+    out = []
+    for i in range(0, len(x), bs):
+        b = x[i:i + bs].to(at)
+        out.append(net(b.float().div(255) if b.dtype == torch.uint8 else b.float()).float().cpu())
+    return torch.cat(out).numpy() if out else np.zeros(0, np.float32)
 
 
 class FaceMatcher(FrozenModel):

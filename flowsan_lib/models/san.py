@@ -152,8 +152,3 @@ class SAN(nn.Module):
         """The privacy output I' = I'_op only (what inference keeps)."""
         self.check_inputs(x, p_sm, p_op)
         return self.prototype_term(self.feature_term(x, p_sm), p_op, x)
-
-
-def n_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-

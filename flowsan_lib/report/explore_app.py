@@ -22,7 +22,7 @@ class ExploreError(ValueError):
 def explorer_files(run_dir: Path) -> tuple[Path, Path]:
     """(05_evaluate/scores.npz, 04_flowsan/outputs_test.npz) of a run, checked to exist."""
     lay = RunLayout(Path(run_dir))
-    scores, seqs = lay.stage_dir("05_evaluate") / "scores.npz", lay.stage_dir("04_flowsan") / "outputs_test.npz"
+    scores, seqs = lay.artifact("scores"), lay.artifact("test_outputs")
     for stage, path in (("05_evaluate", scores), ("04_flowsan", seqs)):
         if not path.exists():
             raise ExploreError(f"run {lay.root.name} has no finished {stage} ({path.name} missing): "

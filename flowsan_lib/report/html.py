@@ -8,7 +8,8 @@ from pathlib import Path
 import nbformat
 import yaml
 
-from flowsan_lib.core.layout import RUN_FOLDERS
+from flowsan_lib.core.layout import PROJECT_ROOT, RunLayout
+from flowsan_lib.core.records import flatten
 
 WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
 SCRIPT_RE = re.compile(r"<script\b[^>]*>.*?</script>", re.S | re.I)
@@ -51,7 +52,6 @@ def machine_prefixes(run_dir: Path | None = None) -> list[tuple[str, str]]:
     import sysconfig
     import tempfile
 
-    from flowsan_lib.core.layout import PROJECT_ROOT
     pairs = [(sysconfig.get_paths()["purelib"], "<site-packages>"), (sysconfig.get_paths()["stdlib"], "<python>"),
              (str(PROJECT_ROOT), "<project>"), (sys.prefix, "<python>"), (str(Path.home()), "~"),
              (tempfile.gettempdir(), "<tmp>")]                  # IPython names a cell's code /tmp/ipykernel_*/N.py
@@ -114,12 +114,6 @@ def _fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else html.escape(str(v))
 
 
-def stage_dirs(run_dir: Path) -> list[Path]:
-    """Stage folders of a run, finished or not, in stage order."""
-    return sorted(p for p in run_dir.iterdir()
-                  if p.is_dir() and p.name not in RUN_FOLDERS and not p.name.startswith(".") and p.suffix != ".old")
-
-
 def _table(head: list[str], rows: list[list[str]], cls: str = "") -> str:
     """An HTML table; cells are already escaped."""
     h = "".join(f"<th>{c}</th>" for c in head)
@@ -127,24 +121,14 @@ def _table(head: list[str], rows: list[list[str]], cls: str = "") -> str:
     return f"<table{f' class={cls!r}' if cls else ''}><thead><tr>{h}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in (d or {}).items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def param_changes(run_dir: Path, preset: str) -> list[tuple[str, object, object]] | None:
     """(key, preset value, run value) for every parameter the run changed; None when the preset is unknown."""
     from flowsan_lib.core import config
     try:
-        base = _flat(config.to_dict(config.load(preset)))
+        base = flatten(config.to_dict(config.load(preset)))
     except (ValueError, OSError):
         return None
-    run = _flat(yaml.safe_load((run_dir / "params.yaml").read_text()) or {}) if (run_dir / "params.yaml").exists() else {}
+    run = flatten(yaml.safe_load((run_dir / "params.yaml").read_text()) or {}) if (run_dir / "params.yaml").exists() else {}
     return [(k, base.get(k), v) for k, v in run.items() if base.get(k) != v]
 
 
@@ -152,7 +136,6 @@ def code_commit() -> str:
     """The project's git commit (with '+ local changes' when the library or notebooks differ), else 'unknown'."""
     import subprocess
 
-    from flowsan_lib.core.layout import PROJECT_ROOT
     try:
         git = lambda *a: subprocess.run(["git", *a], cwd=PROJECT_ROOT, capture_output=True, text=True,
                                         timeout=10, check=True).stdout.strip()
@@ -216,7 +199,7 @@ def _sample_strip(run_dir: Path, out: Path, seed: int) -> str | None:
 
     from flowsan_lib.method.apply import load_sequences
     from flowsan_lib.viz import charts
-    npz = run_dir / "04_flowsan" / "outputs_test.npz"
+    npz = RunLayout(run_dir).artifact("test_outputs")
     if not npz.exists():
         return None
     seq = load_sequences(npz)
@@ -252,9 +235,10 @@ def index_page(run_dir: Path, pages: dict[str, Path], out: Path | None = None) -
     params = params or {}
     preset = runs.preset_of(run_dir)
     st = runs.statuses(run_dir)
-    ev = runs.read_json(run_dir / "05_evaluate" / "metrics.json")
-    flow = runs.read_json(run_dir / "04_flowsan" / "metrics.json")
-    data = runs.read_json(run_dir / "01_data" / "metrics.json")
+    run = RunLayout(run_dir)
+    ev = runs.read_json(run.artifact("eval_metrics"))
+    flow = runs.read_json(run.artifact("san_metrics"))
+    data = runs.read_json(run.artifact("data_metrics"))
     parts = [f"<h1>FlowSAN run <code>{esc(run_dir.name)}</code></h1>"]
     done = sum(s["status"] == "done" for s in st.values())
     parts.append(f"<p>{done} of {len(st)} stages finished. Numbers are means over the models the SANs never saw, "
@@ -369,10 +353,12 @@ def build_report(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"no run folder {run_dir}")
-    out = run_dir / "report"
+    out = RunLayout(run_dir).report_dir
     out.mkdir(exist_ok=True)
     pages = {nb.stem: notebook_to_html(nb, out / f"{nb.stem}.html", run_dir)
-             for nb in sorted((run_dir / "notebooks").glob("*.ipynb")) if not nb.stem.endswith(".attempt")}
-    index = out / "index.html"
-    index.write_text(index_page(run_dir, pages, out))
+             for nb in sorted(RunLayout(run_dir).notebook_dir.glob("*.ipynb")) if not nb.stem.endswith(".attempt")}
+    index, page = out / "index.html", index_page(run_dir, pages, out)
+    if external_references(page):                 # the report must open offline, mailed as a zip
+        raise ValueError(f"{index} would load from the network: {external_references(page)[:3]}")
+    index.write_text(page)
     return index

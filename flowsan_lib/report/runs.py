@@ -63,7 +63,7 @@ def statuses(run_dir: Path) -> dict[str, dict]:
 
 def headline(run_dir: Path) -> dict:
     """FlowSAN and original at the largest Table-3 n: mean EER of the unseen classifiers, mean TMR at FMR 0.1%."""
-    summ = read_json(Path(run_dir) / "05_evaluate" / "metrics.json").get("summary") or {}
+    summ = read_json(RunLayout(Path(run_dir)).artifact("eval_metrics")).get("summary") or {}
     if not summ:
         return {}
     nkey = max(summ, key=lambda k: int(k[1:]))

@@ -17,6 +17,7 @@ import pandas as pd
 import yaml
 
 from flowsan_lib.core.layout import RunLayout
+from flowsan_lib.core.records import flatten
 
 METHODS = ("flowsan", "ens_avg", "ens_gibbs")
 METHOD_LABEL = {"original": "Original", "flowsan": "FlowSAN", "ens_avg": "Ens-Avg", "ens_gibbs": "Ens-Gibbs"}
@@ -35,25 +36,16 @@ class EvaluatedRun:
 
 def load_run(run_dir: str | Path) -> EvaluatedRun:
     run = RunLayout(Path(run_dir))
-    mfile = run.stage_dir("05_evaluate") / "metrics.json"
+    mfile = run.artifact("eval_metrics")
     if not mfile.is_file() or not run.params_file.is_file():
         raise CompareError(f"{run.root} has no finished 05_evaluate (or no params.yaml): run it first")
     return EvaluatedRun(run.root.name, yaml.safe_load(run.params_file.read_text()), json.loads(mfile.read_text()))
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = json.dumps(v) if isinstance(v, list) else v
-    return out
-
-
 def differing_params(runs: list[EvaluatedRun]) -> pd.DataFrame:
     """One row per run, one column per parameter whose value is not the same in every run."""
-    flat = pd.DataFrame([_flat(r.params) for r in runs], index=[r.name for r in runs])
+    flat = pd.DataFrame([{k: json.dumps(v) if isinstance(v, list) else v for k, v in flatten(r.params).items()}
+                         for r in runs], index=[r.name for r in runs])
     keep = [c for c in flat.columns if flat[c].astype(str).nunique() > 1]
     return flat[keep]
 

@@ -34,6 +34,7 @@ log.setLevel(logging.INFO)  # logs/run.log records every run, also when called a
 GLOBAL_KEYS = ("seed",)  # top-level params that change every stage's result
 EXECUTION_KEYS = ("gpus", "threads")  # how a run executes, not what it computes: may differ between runs
 LIBRARY = codegraph.LIBRARY    # tests point it at a copy
+SETUP_MODULE = "flowsan_lib.run.stage_setup"   # every stage notebook's first cell: parameters, seeds
 
 
 class RunError(RuntimeError):
@@ -64,9 +65,10 @@ def code_closure(*modules: str) -> list[Path]:
 
 
 def code_digest(stage: Stage) -> str:
-    """sha256 over the library files a stage's function runs (path and content of each)."""
+    """sha256 over the library files a stage runs: its notebook's setup cell and its stage function
+    (path and content of each; the modules its notebook only displays with are not part of a result)."""
     h = hashlib.sha256()
-    for p in code_closure(stage.entry) if stage.entry else ():
+    for p in code_closure(SETUP_MODULE, stage.entry) if stage.entry else ():
         h.update(p.relative_to(LIBRARY).as_posix().encode() + b"\0" + p.read_bytes())
     return h.hexdigest()[:16]
 
@@ -265,44 +267,83 @@ def _file_handler(run: RunLayout) -> logging.Handler:
     return h
 
 
-def run(preset: str, run_name: str | None = None, only=None, from_stage: str | None = None,
-        overrides: dict | None = None, force: bool = False, stages=STAGES,
-        notebook_dir: Path = NOTEBOOK_DIR, output_dir: Path | None = None,
-        fetch_models: bool = True, report: bool = True, gpus: int | None = None,
-        reuse_from: tuple[Path, ...] = (), until: str | None = None) -> RunResult:
+@dataclass(frozen=True)
+class RunRequest:
+    """What `flowsan run` is asked for: a preset, the run folder's name, which stages, which parameters.
+
+    only / from_stage / until: the stage selection (`select_stages`). force: re-run an existing run with
+    other parameters. gpus: data-parallel processes (an override of `gpus`). reuse_from: other run folders
+    whose finished stages are taken over (hard links) where their fingerprint equals this run's and their
+    files are intact (sweeps).
+    """
+    preset: str
+    run_name: str | None = None          # default: the preset's file stem
+    only: tuple[str, ...] | None = None
+    from_stage: str | None = None
+    until: str | None = None
+    overrides: dict | None = None
+    force: bool = False
+    gpus: int | None = None
+    reuse_from: tuple[Path, ...] = ()
+
+    def __post_init__(self):
+        if self.only is not None:
+            object.__setattr__(self, "only", tuple(self.only))
+        object.__setattr__(self, "reuse_from", tuple(Path(r) for r in self.reuse_from))
+
+    def all_overrides(self) -> dict | None:
+        """The overrides, with --gpus as the `gpus` parameter."""
+        return self.overrides if self.gpus is None else {**(self.overrides or {}), "gpus": self.gpus}
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Where and how a run executes: its stage graph and notebooks, the outputs root, the checks and report.
+
+    fetch_models: check the pretrained weights the stages read before any work. report: build the HTML report.
+    """
+    stages: tuple[Stage, ...] = STAGES
+    notebook_dir: Path = NOTEBOOK_DIR
+    output_dir: Path | None = None       # default: the outputs root (layout.output_root)
+    fetch_models: bool = True
+    report: bool = True
+
+
+def run(request: RunRequest | str, options: RunOptions = RunOptions()) -> RunResult:
     """Run the pipeline on a preset; skip up-to-date stages; build the report.
 
-    gpus: data-parallel processes. reuse_from: other run folders whose finished stages are taken over
-    (hard links) where their fingerprint equals this run's and their files are intact (sweeps).
+    request: a RunRequest, or a preset name alone (RunRequest(preset)).
     """
-    if gpus is not None:
-        overrides = {**(overrides or {}), "gpus": gpus}
-    params = config.load(preset, overrides)          # rejects bad params before any work
-    selected, forced = select_stages(stages, only, from_stage, until)
-    run_layout = RunLayout.named(config.preset_path(preset).stem if run_name is None else run_name, output_dir)
-    check_params_change(run_layout, params, force)
+    req = RunRequest(request) if isinstance(request, str) else request
+    params = config.load(req.preset, req.all_overrides())   # rejects bad params before any work
+    selected, forced = select_stages(options.stages, req.only, req.from_stage, req.until)
+    run_name = config.preset_path(req.preset).stem if req.run_name is None else req.run_name
+    run_layout = RunLayout.named(run_name, options.output_dir)
+    check_params_change(run_layout, params, req.force)
     from flowsan_lib.core.device import check_run_device
     check_run_device(params.device, params.gpus)      # device: cuda without a GPU, --gpus 4 on 2: refused here
-    reuse_from = tuple(Path(r) for r in reuse_from)
-    hashed = preflight(run_layout, params, selected, forced, notebook_dir, reuse_from, fetch_models)
+    hashed = preflight(run_layout, params, selected, forced, options.notebook_dir, req.reuse_from,
+                       options.fetch_models)
     with run_lock(run_layout):
         handler = _file_handler(run_layout)
         log.addHandler(handler)
         try:
-            return _run_locked(run_layout, params, selected, forced, notebook_dir, report, preset, reuse_from,
-                               hashed)
+            return _run_locked(run_layout, params, req, options, (selected, forced), hashed)
         finally:
             log.removeHandler(handler)
             handler.close()
 
 
-def _run_locked(run: RunLayout, params, selected, forced, notebook_dir, report, preset, reuse_from=(),
-                hashed: set[tuple[str, str]] = frozenset()) -> RunResult:
+def _run_locked(run: RunLayout, params, req: RunRequest, options: RunOptions,
+                selection: tuple[list[Stage], set[str]], hashed: set[tuple[str, str]] = frozenset()) -> RunResult:
+    """`run` inside the run folder's lock. selection: (stages considered, stages forced); hashed: see preflight."""
+    selected, forced = selection
+    notebook_dir, reuse_from = options.notebook_dir, req.reuse_from
     recover_promotions(run, selected)
     attempt = run.attempt_params_file()
     attempt.parent.mkdir(parents=True, exist_ok=True)
     config.dump(params, attempt)
-    log.info("run %s: preset %s, stages %s", run.root.name, preset, ", ".join(s.name for s in selected))
+    log.info("run %s: preset %s, stages %s", run.root.name, req.preset, ", ".join(s.name for s in selected))
     result = RunResult(run.root)
     here = _key(run.root)
     verified = {stage for root, stage in hashed if root == here}   # hashed (or written) in this run: not again
@@ -333,7 +374,7 @@ def _run_locked(run: RunLayout, params, selected, forced, notebook_dir, report, 
         result.seconds[stage.name] = execute_stage(stage, run, notebook_dir, fp)
         result.ran.append(stage.name)
     attempt.replace(run.params_file)                  # params.yaml now describes every finished stage
-    if report:
+    if options.report:
         from flowsan_lib.report.html import build_report
         result.report = build_report(run.root)
         log.info("report: %s", result.report.relative_to(run.root))

@@ -6,14 +6,13 @@ in that run is recomputed into `scratch/<stage>/`, never into the finished folde
 """
 from __future__ import annotations
 
-import fcntl
 import os
 import random
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from flowsan_lib.core import config, layout, progress
+from flowsan_lib.core.integrity import LockHeld, acquire_lock
 
 
 @dataclass(frozen=True)
@@ -63,21 +62,11 @@ def _hold_kernel_lock(run: layout.RunLayout, wait_s: float = 60.0) -> None:
     global _KERNEL_LOCK_FD
     if _KERNEL_LOCK_FD is not None:
         return
-    fd = os.open(run.kernel_lock_file, os.O_RDWR | os.O_CREAT, 0o644)
-    deadline = time.monotonic() + wait_s
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            break
-        except BlockingIOError:
-            if time.monotonic() > deadline:
-                holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
-                os.close(fd)
-                raise RuntimeError(f"a stage kernel of an earlier run still works in {run.root} "
-                                   f"(pid {holder}); stop it and re-run")
-            time.sleep(0.2)
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    try:
+        fd = acquire_lock(run.kernel_lock_file, wait_s)
+    except LockHeld as e:
+        raise RuntimeError(f"a stage kernel of an earlier run still works in {run.root} "
+                           f"(pid {e.holder}); stop it and re-run") from None
     _KERNEL_LOCK_FD = fd
 
 

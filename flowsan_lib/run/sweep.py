@@ -9,7 +9,7 @@ Every combination is validated before any work (unknown keys, empty lists, ill-t
 refused). Runs live in `outputs/<sweep>/<run>/`, each named from its overrides. Stages whose
 fingerprints are equal across runs (typically 01-03) are computed once: first, one run per distinct
 upstream is taken up to the last shared stage, one after the other; then every run goes in parallel
-(`--jobs`), taking over the shared stages from its siblings by hard links (`pipeline.run(reuse_from=)`).
+(`--jobs`), taking over the shared stages from its siblings by hard links (`pipeline.RunRequest(reuse_from=)`).
 Each run is a `flowsan run` subprocess: a failing run is reported and does not stop the others; a
 re-run of the sweep resumes (finished stages are skipped, as in any run). With `--ray ADDRESS` the
 same subprocesses run as Ray tasks on a Ray cluster ("local" starts one on this machine); the

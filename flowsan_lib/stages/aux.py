@@ -11,7 +11,9 @@ import torch
 
 from flowsan_lib.core.device import pick_device
 from flowsan_lib.core.seeding import derive_seed
-from flowsan_lib.method.aux_training import predict_p_male, train_aux
+from flowsan_lib.method.aux_training import AuxData, train_aux
+from flowsan_lib.method.fit import FitFiles
+from flowsan_lib.models.interfaces import p_male
 
 
 def disagreement(p: np.ndarray) -> dict:
@@ -58,16 +60,16 @@ def run_aux_stage(P, *, faces: Path, out: Path) -> dict:
         seed = derive_seed(P.seed, "aux", i)
         torch.manual_seed(seed)
         net = AuxGenderCNN(fs.resolution, ap.arch, name=f"G{i:02d}").to(device)  # CPU init, then on device
-        s = train_aux(net, fs.gray, y, train_rows, rows["val"], ap, seed=seed, tag=f"aux G{i:02d}",
-                      ckpt_dir=stage_dir / "checkpoints" / f"aux{i:02d}",
-                      history=stage_dir / "history" / f"aux{i:02d}.csv", params=params, device=device, gpus=P.gpus)
+        files = FitFiles(f"aux G{i:02d}", stage_dir / "checkpoints" / f"aux{i:02d}",
+                         stage_dir / "history" / f"aux{i:02d}.csv", params)
+        s = train_aux(net, AuxData(fs.gray, y, train_rows, rows["val"]), ap, files, seed, device, P.gpus)
         net.provenance = {"stage": "03_aux_classifiers", "params": params, "seconds": s["seconds"],
                           "train_size": int(len(train_rows))}
         save_aux(net, path)
         nets.append(load_aux(path, device))
         seconds.append(s["seconds"])
-    p_val = np.stack([predict_p_male(n, fs.gray[rows["val"]]) for n in nets])
-    p_test = np.stack([predict_p_male(n, fs.gray[rows["test"]]) for n in nets])
+    p_val = np.stack([p_male(n, fs.gray[rows["val"]]) for n in nets])
+    p_test = np.stack([p_male(n, fs.gray[rows["test"]]) for n in nets])
     metrics = {
         "n_classifiers": ap.n_classifiers, "arch": ap.arch, "resolution": fs.resolution,
         "n_train": int(len(rows["train"])), "n_val": int(len(rows["val"])), "n_test": int(len(rows["test"])),

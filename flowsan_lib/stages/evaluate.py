@@ -51,9 +51,10 @@ from pathlib import Path
 import numpy as np
 
 from flowsan_lib.core.device import pick_device
+from flowsan_lib.core.records import jsonable, scalars
+from flowsan_lib.evaluate import inhouse, suite
 from flowsan_lib.evaluate import metrics as M
 from flowsan_lib.evaluate import pairs as pairs_mod
-from flowsan_lib.evaluate import suite
 from flowsan_lib.method.apply import Sequences, ens_avg, ens_best_choice, ens_gibbs, load_sequences
 
 SCHEMA = "flowsan-evaluate/1"
@@ -328,7 +329,7 @@ def build_metrics(res: Results, setup: dict, test_info: dict, clf_info: dict, ma
                      for m, row in block.items()} for nk, block in summ.items()}
     out = {"headline": headline, "summary": summ, "setup": setup, "test_sets": test_info, "classifiers": clf_info,
            "matchers": matcher_info, "gender": gender, "matching": matching, "attacks": attacks, "notes": notes}
-    return M.nan_to_none(out)
+    return jsonable(out)
 
 
 # --- the stage ------------------------------------------------------------------------------
@@ -356,8 +357,8 @@ def build_suite(P, faces, stage_dir: Path, device, n: int, aux_dir: Path | None 
     history = {}
     classifiers = list(suite.pretrained_classifiers(E.classifiers, device))
     if E.inhouse_epochs > 0:
-        cnns, history = suite.inhouse_classifiers(gray, source, split, is_male, E.inhouse_epochs,
-                                                  stage_dir / "inhouse", device, P.seed, log)
+        fit = inhouse.TrainSettings(E.inhouse_epochs, device=device, seed=P.seed)
+        cnns, history = suite.inhouse_classifiers(gray, source, split, is_male, stage_dir / "inhouse", fit, log)
         classifiers += cnns
     if E.classical:
         tr = split == "train"
@@ -427,10 +428,10 @@ def run_evaluate_stage(P, *, faces: Path, aux: Path, test_outputs: Path, flowsan
         for p, pr in pairs_by_ts[ts].items():
             if pr.note and not (len(pr.genuine) and len(pr.impostor)):
                 notes[f"matching.{p}.{ts}"] = f"not evaluated: {pr.note}"
-    clf_info = {c.name: {"kind": c.kind, "seen": bool(c.seen), **_flat(c.provenance)} for c in classifiers}
+    clf_info = {c.name: {"kind": c.kind, "seen": bool(c.seen), **scalars(c.provenance)} for c in classifiers}
     for name, h in history.items():
-        clf_info[name]["training"] = _flat(h)
-    matcher_info = {m.name: {"seen": bool(m.seen), **_flat(m.provenance)} for m in matchers}
+        clf_info[name]["training"] = scalars(h)
+    matcher_info = {m.name: {"seen": bool(m.seen), **scalars(m.provenance)} for m in matchers}
     unseen_c = [c.name for c in classifiers if not c.seen]
     unseen_m = [m.name for m in matchers if not m.seen]
     seen_m = [m.name for m in matchers if m.seen]
@@ -445,8 +446,8 @@ def run_evaluate_stage(P, *, faces: Path, aux: Path, test_outputs: Path, flowsan
     attacks_out = {}
     if P.evaluate.attacks:
         from flowsan_lib.evaluate import attacks
-        attacks_out = attacks.run_attacks(P, flowsan_model, faces, seq, images, test_sets, d_sets, matchers,
-                                          boots, stage_dir, device, log)
+        target = attacks.AttackTarget(seq, images.is_male, images.identity, test_sets, boots, d_sets)
+        attacks_out = attacks.run_attacks(P, flowsan_model, faces, target, matchers, device, log)
     setup = {"schema": SCHEMA, "n_stages": n, "n_test_images": N, "seed": P.seed,
              "n_bootstrap": P.evaluate.n_bootstrap, "n_impostor": P.evaluate.n_impostor,
              "methods": ",".join(methods), "seen_matcher": P.san.matcher, "device": str(device),
@@ -455,33 +456,34 @@ def run_evaluate_stage(P, *, faces: Path, aux: Path, test_outputs: Path, flowsan
              "seconds_metrics": round(t_metrics - t_scored, 1)}
     summ = summary(res, methods, n, unseen_c, unseen_m)
     metrics = build_metrics(res, setup, test_info, clf_info, matcher_info, summ, attacks_out, notes)
-    metrics["frontier"] = M.nan_to_none(frontier(res, methods, n, unseen_c, unseen_m))
+    metrics["frontier"] = jsonable(frontier(res, methods, n, unseen_c, unseen_m))
     metrics["setup"]["seconds_total"] = round(time.time() - t_start, 1)
 
-    save_scores(stage_dir / "scores.npz", images, test_sets, methods, match_methods, p_male, best_choice,
-                gibbs, d_sets, pairs_by_ts, raw, classifiers, matchers, n)
+    scores = StageScores(methods, match_methods, n, p_male, best_choice, gibbs, d_sets, pairs_by_ts, raw)
+    save_scores(stage_dir / "scores.npz", images, test_sets, scores, classifiers, matchers)
     (stage_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, allow_nan=False))
     charts.write_evaluation_figures(metrics, seq, images, test_sets, gibbs, stage_dir, seed=P.seed)
     log(f"evaluation done in {time.time() - t_start:.0f} s")
     return metrics
 
 
-def _flat(d: dict) -> dict:
-    """Keep JSON scalars; stringify anything else (lists, paths)."""
-    out = {}
-    for k, v in (d or {}).items():
-        if isinstance(v, (int, float, str, bool)) or v is None:
-            out[k] = v
-        elif isinstance(v, dict):
-            out[k] = _flat(v)
-        else:
-            out[k] = json.dumps(v, default=str) if isinstance(v, (list, tuple)) else str(v)
-    return out
+@dataclass(frozen=True)
+class StageScores:
+    """Every per-image array of the stage, with the axes it is laid out on: what scores.npz holds."""
+    methods: tuple               # axis 0 of p_male and self_sim
+    match_methods: list          # the methods matchers score (axis 0 of match)
+    n: int                       # stages: axis t runs over 0 (the original) .. n
+    p_male: dict                 # classifier -> [methods, n+1, N] P(male)
+    best_choice: dict            # classifier -> [n, N] Ens-Best member index
+    gibbs: np.ndarray            # [n, N] Ens-Gibbs member index ([0, N] without an ensemble)
+    descriptors: dict            # matcher -> image set key -> [N, D]
+    pairs: dict                  # test set -> protocol -> pairs_mod.Pairs
+    match: dict                  # (test set, protocol, matcher) -> (genuine, impostor) [methods, n+1, P]
 
 
-def save_scores(path: Path, images: TestImages, test_sets, methods, match_methods, p_male, best_choice, gibbs,
-                d_sets, pairs_by_ts, raw, classifiers, matchers, n) -> None:
+def save_scores(path: Path, images: TestImages, test_sets, scores: StageScores, classifiers, matchers) -> None:
     """The explorer's precomputed arrays (see the module docstring for keys)."""
+    methods, match_methods, n, gibbs = scores.methods, scores.match_methods, scores.n, scores.gibbs
     ts_of = np.empty(len(images.is_male), dtype=object)
     for ts, idx in test_sets.items():
         ts_of[idx] = ts
@@ -492,11 +494,11 @@ def save_scores(path: Path, images: TestImages, test_sets, methods, match_method
               "classifier_kinds": np.array([c.kind for c in classifiers]),
               "matchers": np.array([m.name for m in matchers]),
               "matcher_seen": np.array([m.seen for m in matchers]), "gibbs_choice": gibbs}
-    for name, arr in p_male.items():
+    for name, arr in scores.p_male.items():
         arrays[f"p_male/{name}"] = arr.astype(np.float32)
-        arrays[f"best_choice/{name}"] = best_choice[name]
+        arrays[f"best_choice/{name}"] = scores.best_choice[name]
     for m in matchers:
-        d = d_sets[m.name]
+        d = scores.descriptors[m.name]
         sim = np.full((len(methods), n + 1, len(images.is_male)), np.nan, np.float32)
         orig = d["original/0"]
         for mi, method in enumerate(methods):
@@ -506,11 +508,11 @@ def save_scores(path: Path, images: TestImages, test_sets, methods, match_method
                 if t == 0 or method != "original":
                     sim[mi, t] = np.sum(orig * descriptors_for(d, method, t, gibbs), axis=1)
         arrays[f"self_sim/{m.name}"] = sim
-    for ts, prs in pairs_by_ts.items():
+    for ts, prs in scores.pairs.items():
         for proto, pr in prs.items():
             arrays[f"pairs/{ts}/{proto}/genuine"] = pr.genuine
             arrays[f"pairs/{ts}/{proto}/impostor"] = pr.impostor
-    for (ts, proto, mname), (gen, imp) in raw.items():
+    for (ts, proto, mname), (gen, imp) in scores.match.items():
         arrays[f"match/{ts}/{proto}/{mname}/genuine"] = gen[:len(match_methods)]
         arrays[f"match/{ts}/{proto}/{mname}/impostor"] = imp[:len(match_methods)]
     np.savez_compressed(path, **arrays)

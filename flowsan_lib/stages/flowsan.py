@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flowsan_lib.core.device import module_device, pick_device, resolve_precision
+from flowsan_lib.core.device import pick_device, resolve_precision
+from flowsan_lib.core.records import jsonable
 from flowsan_lib.method.apply import (
     Sequences,
     ens_best,
@@ -19,6 +20,7 @@ from flowsan_lib.method.apply import (
     gibbs_picks,
     load_sequences,
     member_outputs,
+    to_images,
     to_uint8,
     write_test_outputs,
 )
@@ -27,6 +29,7 @@ from flowsan_lib.method.frozen import loss_classifiers, loss_matcher
 from flowsan_lib.method.modelio import ModelError, save_model
 from flowsan_lib.method.prototypes import ProtoBank, load_prototypes, make_bank
 from flowsan_lib.method.san_training import (
+    SanRun,
     StageData,
     base_params,
     cached_descriptors,
@@ -35,13 +38,7 @@ from flowsan_lib.method.san_training import (
     train_flowsan,
 )
 from flowsan_lib.models.aux_cnn import load_aux_classifiers
-
-
-@torch.no_grad()
-def p_male(g, x: torch.Tensor, bs: int = 256) -> np.ndarray:
-    """P(male) of a classifier on images x (any device), computed on the classifier's device."""
-    at = module_device(g)
-    return torch.cat([g(x[i:i + bs].to(at)).float().cpu() for i in range(0, len(x), bs)]).numpy()
+from flowsan_lib.models.interfaces import p_male
 
 
 def auc(p: np.ndarray, y: np.ndarray) -> float:
@@ -81,24 +78,23 @@ def stage_edits(original: np.ndarray, outputs: list[np.ndarray]) -> list[dict]:
 def seen_metrics(aux: list, matcher, seq: Sequences, seed: int) -> dict:
     """Auxiliary classifiers' AUC and the auxiliary matcher's TMR at FMR 1% on the test outputs."""
     from flowsan_lib.evaluate.pairs import different_image_pairs
-    f = lambda a: torch.from_numpy(np.ascontiguousarray(a)).float().div(255).unsqueeze(1)
     y = seq.gender.astype(int)
     ens = seq.members is not None
     avg, gibbs = seq.ens_avg(), seq.ens_gibbs()
     out: dict = {"aux_auc": {}, "matcher": {}}
     for j, g in enumerate(aux, 1):
-        r = {"original": auc(p_male(g, f(seq.original)), y),
-             "flowsan": [auc(p_male(g, f(x)), y) for x in seq.flowsan]}
+        r = {"original": auc(p_male(g, seq.original), y),
+             "flowsan": [auc(p_male(g, x), y) for x in seq.flowsan]}
         if ens:
-            members_p = np.stack([p_male(g, f(m)) for m in seq.members])
-            r["ens_avg"] = [auc(p_male(g, f(x)), y) for x in avg]
-            r["ens_gibbs"] = [auc(p_male(g, f(x)), y) for x in gibbs]
-            r["ens_best"] = [auc(p_male(g, f(ens_best(seq.members, t, members_p, y))), y)
+            members_p = np.stack([p_male(g, m) for m in seq.members])
+            r["ens_avg"] = [auc(p_male(g, x), y) for x in avg]
+            r["ens_gibbs"] = [auc(p_male(g, x), y) for x in gibbs]
+            r["ens_best"] = [auc(p_male(g, ens_best(seq.members, t, members_p, y)), y)
                              for t in range(1, seq.n + 1)]
         out["aux_auc"][f"G{j:02d}"] = r
     pairs = different_image_pairs(seq.identity, MATCH_IMPOSTORS, seed)
-    ref = descriptors(matcher, f(seq.original))
-    tmr = lambda images: [tmr_at(ref, descriptors(matcher, f(x)), pairs, MATCH_FMR) for x in images]
+    ref = descriptors(matcher, to_images(seq.original))
+    tmr = lambda images: [tmr_at(ref, descriptors(matcher, to_images(x)), pairs, MATCH_FMR) for x in images]
     m = {"fmr": MATCH_FMR, "n_genuine": int(len(pairs.genuine)), "n_impostor": int(len(pairs.impostor)),
          "note": pairs.note, "tmr_original": tmr_at(ref, ref, pairs, MATCH_FMR), "tmr_flowsan": tmr(seq.flowsan)}
     if ens:
@@ -160,12 +156,11 @@ def run_flowsan_stage(P, *, faces: Path, prototypes: Path, aux: Path, out: Path,
     base = base_params(P, r)
     ckpt, hist = stage_dir / "checkpoints", stage_dir / "history"
     hist.mkdir(parents=True, exist_ok=True)
+    run = SanRun(sp, P.seed, matcher, ckpt, hist, base, device, extra_cbs, P.gpus)
     members, ens_info = [], []
     if sp.train_ensemble:
-        members, ens_info = train_ensemble(sp, P.seed, train, valid, gender_nets, matcher, stage_dir / "ensemble",
-                                           ckpt, hist, base, device, extra_cbs, gpus=P.gpus)
-    stages, flow_info = train_flowsan(sp, P.seed, train, valid, gender_nets, matcher, stage_dir / "flowsan", ckpt,
-                                      hist, base, members, device, extra_cbs, members_info=ens_info, gpus=P.gpus)
+        members, ens_info = train_ensemble(run, train, valid, gender_nets, stage_dir / "ensemble")
+    stages, flow_info = train_flowsan(run, train, valid, gender_nets, stage_dir / "flowsan", members, ens_info)
     prov = {"name": m_name, **getattr(matcher, "provenance", {})}
     meta = {"params": {"seed": P.seed, "san": dataclasses.asdict(sp), "prototypes": dataclasses.asdict(P.prototypes),
                        "aux": dataclasses.asdict(P.aux)}, "matcher": prov}
@@ -200,11 +195,5 @@ def run_flowsan_stage(P, *, faces: Path, prototypes: Path, aux: Path, out: Path,
     last = {k: v["flowsan"][-1] for k, v in seen["aux_auc"].items()}
     metrics["seen_auc_at_t_max"] = last
     metrics["seen_confounded"] = bool(all(abs(a - 0.5) <= 0.1 for a in last.values()))
-    (stage_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, default=_json_default))
+    (stage_dir / "metrics.json").write_text(json.dumps(jsonable(metrics), indent=1))
     return metrics
-
-
-def _json_default(o):
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")

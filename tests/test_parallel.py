@@ -44,6 +44,7 @@ def _train(setup, root, gpus: int, sp=SP):
     return san, pd.read_csv(root / "hist.csv"), s
 
 
+@pytest.mark.slow   # 10 s or more on 2 cores: `make test-fast` skips it
 def test_two_processes_match_one_on_the_same_global_batches(setup, tmp_path):
     torch.set_num_threads(1)
     one, h1, _ = _train(setup, tmp_path / "one", 1)
@@ -70,6 +71,7 @@ def _same_updates(a: SAN, b: SAN):
         assert (da - db).abs().max() <= SP.lr * 4, k            # never more than the 4 steps could move it
 
 
+@pytest.mark.slow   # 10 s or more on 2 cores: `make test-fast` skips it
 def test_data_parallel_resumes_from_its_epoch_checkpoint(setup, tmp_path):
     torch.set_num_threads(1)
     ref, h_ref, _ = _train(setup, tmp_path / "ref", 1)

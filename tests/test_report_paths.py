@@ -16,6 +16,7 @@ config.load("no-such-preset")
 """
 
 
+@pytest.mark.slow   # 10 s or more on 2 cores: `make test-fast` skips it
 def test_failed_stage_page_has_no_machine_path(tmp_path):
     nb = tmp_path / "notebooks"
     nb.mkdir()

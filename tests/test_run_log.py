@@ -9,6 +9,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from .test_pipeline import BOOM, READ_A, WRITE_A, _notebook
 
 WARN = """import json, warnings
@@ -59,6 +61,7 @@ def _run(tmp_path, which):
                           text=True, timeout=600)
 
 
+@pytest.mark.slow   # 10 s or more on 2 cores: `make test-fast` skips it
 def test_quiet_log_when_nothing_fails_and_errors_when_a_stage_fails(tmp_path):
     _toy(tmp_path)
     ok = _run(tmp_path, "ok")

@@ -116,6 +116,7 @@ def _trained_g(tf, steps=60):
     return freeze(g)
 
 
+@pytest.mark.slow   # 10 s or more on 2 cores: `make test-fast` skips it
 @pytest.mark.parametrize("term", ["J_D", "J_G", "J_M"])
 def test_each_loss_term_decreases(tiny_faces, tmp_path, term, faceapi_matcher, trained_g):
     x, y = tiny_faces.images(), torch.from_numpy(tiny_faces.gender).float()

@@ -105,6 +105,7 @@ def test_mobileface_matches_tfjs_on_real_faces(tfjs, faces):
     assert (got - want).abs().max() <= TOL and (got * want).sum(1).min() >= 0.99999
 
 
+@pytest.mark.slow   # 10 s or more on 2 cores: `make test-fast` skips it
 @torch.no_grad()
 def test_mobilefacenet_matches_tfjs_on_real_faces(tfjs, faces):
     net = mobilefacenet.load_port()

@@ -2,6 +2,8 @@
 import subprocess
 import sys
 
+import pytest
+
 CODE = """
 import warnings
 warnings.simplefilter("default")       # as a notebook kernel shows them
@@ -12,6 +14,7 @@ warnings.warn("a real deprecation", FutureWarning)
 """
 
 
+@pytest.mark.slow   # 10 s or more on 2 cores: `make test-fast` skips it
 def test_fastai_jit_deprecation_filtered_real_warnings_shown():
     err = subprocess.run([sys.executable, "-c", CODE], capture_output=True, text=True, timeout=300).stderr
     assert "torch.jit.script" not in err, err

@@ -1,5 +1,7 @@
 # Two entry points for a fresh machine (Python 3.11 and npm present): `make main` and `make test`.
-# The venv is built once; re-running reuses it (the stamp changes only when the requirements do).
+# The venv is built once; re-running reuses it (the stamp changes only when the lock file does).
+# requirements.lock pins every package (pip-compile from requirements.txt; the command is in its header), so a
+# fresh clone installs what the machine that wrote docs/RESULTS.md ran.
 PYTHON ?= python3.11
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -10,10 +12,10 @@ PRESET ?= quick
 
 setup: $(STAMP)
 
-$(STAMP): requirements.txt pyproject.toml
+$(STAMP): requirements.lock pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet -r requirements.lock
 	$(PY) -m pip install --quiet --no-deps -e .
 	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $(STAMP)

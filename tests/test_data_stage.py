@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from flowsan_lib.core import config
+from flowsan_lib.core.records import read_timings
 from flowsan_lib.data import FaceSet, align_image, is_subject_disjoint, load_faces, run_data_stage
 from flowsan_lib.data.cache import ChipCache, default_cache_dir, params_key
 from flowsan_lib.data.stage import fill_cache
@@ -98,8 +99,9 @@ def test_faceset_api(sample_run):
 def test_rerun_is_identical_and_uses_the_cache(sample_run, tmp_path):
     P = config.load("smoke", {"data.resolution": 48})
     m = run_data_stage(P, tmp_path / "01_data")
-    assert m["align"]["aligned_now"] == 0 and m["align"]["from_cache"] == 228
-    for f in ("faces.csv", "failures.csv"):
+    took = read_timings(tmp_path / "01_data")
+    assert took["aligned_now"] == 0 and took["from_cache"] == 228 and "stage_seconds" not in m
+    for f in ("faces.csv", "failures.csv", "metrics.json"):     # how it ran is in timings.json, not here
         assert (tmp_path / "01_data" / f).read_bytes() == (sample_run / "01_data" / f).read_bytes()
     a, b = load_faces(tmp_path / "01_data"), load_faces(sample_run / "01_data")
     assert np.array_equal(a.gray, b.gray) and np.array_equal(a.landmarks, b.landmarks)
@@ -110,17 +112,18 @@ def test_cache_is_keyed_by_alignment_params(tmp_path):
     over = {"data.cache_dir": str(tmp_path / "cache"), "data.max_per_source": 6, "data.resolution": 32}
     first = run_data_stage(config.load("smoke", over), tmp_path / "a")
     n = sum(s["align_attempted"] for s in first["per_source"].values())
-    assert 10 <= n <= 12 and first["align"]["aligned_now"] == n and first["align"]["from_cache"] == 0
+    took = lambda folder: read_timings(tmp_path / folder)
+    assert 10 <= n <= 12 and took("a")["aligned_now"] == n and took("a")["from_cache"] == 0
     again = run_data_stage(config.load("smoke", {**over, "data.resolution": 64}), tmp_path / "b")
-    assert again["align"]["aligned_now"] == 0 and again["align"]["from_cache"] == n
+    assert took("b")["aligned_now"] == 0 and took("b")["from_cache"] == n
     assert again["align"]["cache_key"] == first["align"]["cache_key"]
     changed = run_data_stage(config.load("smoke", {**over, "data.upsample": 0}), tmp_path / "c")
-    assert changed["align"]["aligned_now"] == n and changed["align"]["cache_key"] != first["align"]["cache_key"]
+    assert took("c")["aligned_now"] == n and changed["align"]["cache_key"] != first["align"]["cache_key"]
     assert params_key(0) != params_key(1)
     assert (tmp_path / "cache" / f"align-{params_key(0)}").is_dir()
-    more = run_data_stage(config.load("smoke", {**over, "data.max_per_source": 9}), tmp_path / "d")
-    assert more["align"]["from_cache"] >= 6                    # only files not seen before are aligned
-    assert more["align"]["aligned_now"] + more["align"]["from_cache"] > n
+    run_data_stage(config.load("smoke", {**over, "data.max_per_source": 9}), tmp_path / "d")
+    assert took("d")["from_cache"] >= 6                        # only files not seen before are aligned
+    assert took("d")["aligned_now"] + took("d")["from_cache"] > n
 
 
 def test_cache_location_follows_params_then_env(tmp_path, monkeypatch):

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from flowsan_lib.core import config
-from flowsan_lib.core.layout import RunLayout, stage_named
+from flowsan_lib.core.integrity import hash_tree
+from flowsan_lib.core.layout import TIMINGS, RunLayout, stage_named
+from flowsan_lib.core.records import read_timings
 from flowsan_lib.method.apply import load_sequences, to_uint8
 from flowsan_lib.method.modelio import load_model
 from flowsan_lib.stages.aux import run_aux_stage
@@ -54,7 +56,9 @@ def test_stages_02_to_04(run_dir, tiny_faces):
     out = run_dir / "04_flowsan"
     assert json.loads((out / "metrics.json").read_text())["n_test"] == 2 == m4["n_test"]
     assert len(m4["aux_auc"]["G01"]["flowsan"]) == 2 and len(m4["matcher"]["tmr_flowsan"]) == 2
-    assert m4["seconds"]["flowsan_train"][0] == m4["seconds"]["ensemble_train"][0]  # stage 1 = member 1
+    took = read_timings(out)                                 # seconds: beside the results, not in them
+    assert took["flowsan_train"][0] == took["ensemble_train"][0]  # stage 1 = member 1
+    assert "seconds" not in m4 and not any("seconds" in s for s in m4["flowsan_stages"] + m4["ensemble_members"])
     d = load_sequences(out / "outputs_test.npz")
     assert d.flowsan.shape == d.members.shape == d.ens_avg().shape == d.ens_gibbs().shape == (2, 2, 32, 32)
     assert d.original.dtype == np.uint8 and d.gibbs.shape == (2, 2)
@@ -68,6 +72,9 @@ def test_stages_02_to_04(run_dir, tiny_faces):
     seq = model.outputs(x, torch.from_numpy(d.gender).float())
     assert all((to_uint8(s) == d.flowsan[t]).all() for t, s in enumerate(seq))
     assert load_model(out / "ensemble").kind == "ensemble"
-    # a second call finds every stage finished and trains nothing
+    # a second call finds every stage finished and trains nothing, and writes the same result bytes
+    before = hash_tree(out, skip=(TIMINGS,))
     again = run_flowsan_stage(P, out=out, **_inputs(run_dir, "04_flowsan"))
-    assert all(s.get("loaded") or s.get("shared_with") for s in again["flowsan_stages"])
+    ran = read_timings(out)["flowsan_stages"]
+    assert all(t.get("loaded") or s.get("shared_with") for s, t in zip(again["flowsan_stages"], ran))
+    assert hash_tree(out, skip=(TIMINGS,)) == before

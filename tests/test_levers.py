@@ -215,7 +215,7 @@ def test_per_stage_schedules_and_bad_values():
     assert (sp.for_stage(1).epochs, sp.for_stage(2).epochs) == (1, 4)
     assert (sp.for_stage(1).w_gender, sp.for_stage(2).w_gender) == (1.0, 3.0)
     for key, value, match in [("san.stage_epochs", [1], "one value per stage"),
-                              ("san.eps", 0, r"\(0, 255\]"), ("san.eps", 300, r"\(0, 255\]"),
+                              ("san.eps", 0, r"\[0.5, 255\]"), ("san.eps", 300, r"\[0.5, 255\]"),
                               ("san.extra_matchers", ["faceapi"], "repeats san.matcher"),
                               ("san.output", "additive", "san.output")]:
         with pytest.raises(config.ParamError, match=match):

@@ -59,6 +59,7 @@ def toy(tmp_path):
     return run, out / "smoke", stages
 
 
+@pytest.mark.slow   # 10 s or more on 2 cores: `make test-fast` skips it
 def test_runs_resumes_and_reruns_changed_stages(toy):
     run, run_dir, _ = toy
     first = run()
@@ -91,6 +92,7 @@ def test_injected_paths_are_relative(toy):
     assert 'inputs = {"a_metrics": "a/metrics.json"}' in injected and 'out_dir = "b.partial"' in injected
 
 
+@pytest.mark.slow   # 10 s or more on 2 cores: `make test-fast` skips it
 def test_changed_params_refused_without_force(toy):
     run, run_dir, _ = toy
     run()
@@ -101,6 +103,7 @@ def test_changed_params_refused_without_force(toy):
     assert config.load(run_dir / "params.yaml").data.resolution == 32
 
 
+@pytest.mark.slow   # 10 s or more on 2 cores: `make test-fast` skips it
 def test_failing_stage_keeps_notebook_and_earlier_outputs(toy):
     run, run_dir, stages = toy
     run()
@@ -117,6 +120,7 @@ def test_failing_stage_keeps_notebook_and_earlier_outputs(toy):
     assert "FAILED" in (run_dir / "logs" / "run.log").read_text()
 
 
+@pytest.mark.slow   # 10 s or more on 2 cores: `make test-fast` skips it
 def test_failed_forced_rerun_keeps_params_and_finished_notebook(toy):
     """A --force run that fails leaves params.yaml and the finished stage's notebook as they were."""
     run, run_dir, stages = toy
@@ -130,6 +134,7 @@ def test_failed_forced_rerun_keeps_params_and_finished_notebook(toy):
     assert run().skipped == ["a", "b"]                              # the original command still works
 
 
+@pytest.mark.slow   # 10 s or more on 2 cores: `make test-fast` skips it
 def test_deleted_or_modified_output_is_rebuilt(toy):
     run, run_dir, _ = toy
     run()
@@ -189,6 +194,7 @@ def test_second_run_into_the_same_folder_is_refused(toy, tmp_path):
     assert not (run_dir / "notebooks" / "s.failed.ipynb").exists()
 
 
+@pytest.mark.slow   # 10 s or more on 2 cores: `make test-fast` skips it
 def test_interrupted_promotion_is_recovered(toy):
     run, run_dir, _ = toy
     run()
@@ -244,6 +250,7 @@ def test_weights_are_checked_only_for_stages_that_will_compute(toy, tmp_path, mo
     assert "face_recognition_model.bin is missing" in str(e.value) and "shape_predictor" not in str(e.value)
 
 
+@pytest.mark.slow   # 10 s or more on 2 cores: `make test-fast` skips it
 def test_an_up_to_date_run_hashes_each_stage_once(toy, monkeypatch):
     """The preflight's hashes serve the run: a skipped stage's files are read once, not twice."""
     from collections import Counter
@@ -258,6 +265,7 @@ def test_an_up_to_date_run_hashes_each_stage_once(toy, monkeypatch):
     assert run().ran == ["a", "b"] and calls["a"] == 2
 
 
+@pytest.mark.slow   # 10 s or more on 2 cores: `make test-fast` skips it
 def test_a_taken_over_stage_is_hashed_once(toy, monkeypatch):
     """--reuse-from: the preflight's hash of the donor's files serves the take-over; a damaged donor is not taken."""
     from collections import Counter

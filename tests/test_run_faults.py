@@ -1,7 +1,8 @@
 """Faults of a real run: `kill -9` of `flowsan run` in FlowSAN training, then the same command again.
 
 The resumed run must give exactly what an uninterrupted run gives: the same test outputs of every
-method, the same SAN weights and the same seen-network metrics.
+method, the same SAN weights and the same seen-network metrics. And `kill -9` of `flowsan anonymize`
+leaves none of its alignment workers behind.
 """
 from __future__ import annotations
 
@@ -12,13 +13,18 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 from safetensors.torch import load_file
 
 from flowsan_lib.core.layout import STAGES, RunLayout
+from flowsan_lib.core.records import read_timings
 
+from .test_bad_inputs import model_src  # noqa: F401  (a pytest fixture: the tiny model folder)
+
+SAMPLE = Path(__file__).resolve().parents[1] / "flowsan_lib" / "sample_data"
 UP_TO_04 = STAGES[:4]
 SAME = ("aux_auc", "matcher", "mean_abs_change", "seen_auc_at_t_max", "n_train", "n_val", "n_test")
 
@@ -72,10 +78,68 @@ def test_kill_9_in_flowsan_stage_2_then_resume_equals_uninterrupted(reference, t
     got, want = run.stage_dir("04_flowsan"), reference.stage_dir("04_flowsan")
     m_got, m_want = (json.loads((d / "metrics.json").read_text()) for d in (got, want))
     assert {k: m_got[k] for k in SAME} == {k: m_want[k] for k in SAME}
-    assert any(s.get("loaded") for s in m_got["ensemble_members"])          # it did resume, not restart
+    assert any(s.get("loaded") for s in read_timings(got)["ensemble_members"])   # it did resume, not restart
     with np.load(got / "outputs_test.npz") as a, np.load(want / "outputs_test.npz") as b:
         assert a.files == b.files and all(np.array_equal(a[k], b[k]) for k in a.files)
     for kind in ("flowsan", "ensemble"):
         for f in sorted((want / kind).glob("stage*.safetensors")):
             wa, wb = load_file(got / kind / f.name), load_file(f)
             assert wa.keys() == wb.keys() and all(np.array_equal(wa[k].numpy(), wb[k].numpy()) for k in wa)
+
+
+def _children(pid: int) -> list[int]:
+    """Processes whose parent is pid (from /proc)."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie that nobody reaps is dead)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from /proc (Linux)")
+def test_kill_9_of_anonymize_leaves_no_alignment_worker_alive(model_src, tmp_path):  # noqa: F811
+    """Workers were reparented to init and blocked on a pipe for minutes, about 370 MB each (issue 25, case 10)."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i, jpg in enumerate(sorted(SAMPLE.rglob("*.jpg"))):
+        shutil.copy(jpg, photos / f"{i:04d}.jpg")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "flowsan_lib.cli", "anonymize", str(model_src), str(photos), str(out), "--label-free",
+           "--workers", "2", "--batch-size", "2", "--device", "cpu"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers: list[int] = []
+    try:
+        t0 = time.time()
+        while not (out / "anonymize.csv").exists() or len(_children(proc.pid)) < 2:
+            assert proc.poll() is None, f"anonymize ended (rc {proc.returncode}) before its workers were busy"
+            assert time.time() - t0 < 300, "anonymize did not start its workers in 300 s"
+            time.sleep(0.2)
+        time.sleep(1.0)                                   # batches in flight: workers write to the parent's pipe
+        workers = _children(proc.pid)
+        os.kill(proc.pid, signal.SIGKILL)                 # the parent alone, as `kill -9 PID` does
+        proc.wait()
+        deadline = time.time() + 5
+        while any(_alive(w) for w in workers) and time.time() < deadline:
+            time.sleep(0.1)
+        survivors = [w for w in workers if _alive(w)]
+    finally:
+        proc.kill()
+        proc.wait()
+        for w in workers or _children(proc.pid):
+            if _alive(w):
+                os.kill(w, signal.SIGKILL)                # clean up after a failure: only this test's processes
+    assert len(workers) == 2 and survivors == [], f"workers {survivors} outlived their parent by 5 s"
+    done = (out / "anonymize.csv").read_text().count("\n") - 1
+    assert done < len(list(photos.iterdir())), "the run had finished before the kill: nothing was tested"

@@ -3,7 +3,8 @@ import json
 import shutil
 
 from flowsan_lib import cli
-from flowsan_lib.core.layout import STAGE_NAMES, RunLayout
+from flowsan_lib.core.integrity import hash_tree
+from flowsan_lib.core.layout import MARKER, STAGE_NAMES, RunLayout
 from flowsan_lib.report import runs
 
 
@@ -13,7 +14,9 @@ def _fake_run(root, name, done, failed=None, preset="quick"):
     lay.log_file.write_text(f"[2026-01-01 10:00:00] INFO run {name}: preset {preset}, stages 01_data\n")
     for s in done:
         lay.stage_dir(s).mkdir()
-        lay.marker(s).write_text(json.dumps({"fingerprint": "x", "seconds": 1.5, "finished": "2026-01-01"}))
+        (lay.stage_dir(s) / "metrics.json").write_text("{}")
+        lay.marker(s).write_text(json.dumps({"fingerprint": "x", "seconds": 1.5, "finished": "2026-01-01",
+                                             "files": hash_tree(lay.stage_dir(s), skip=(MARKER,))}))
     if failed:
         lay.partial_dir(failed).mkdir()
         lay.notebook_dir.mkdir()
@@ -41,3 +44,11 @@ def test_runs_command_shows_the_smoke_run_headline(smoke_run, tmp_path, capsys):
     h = runs.headline(smoke_run.run_dir)
     assert "++++++" in line and f"{h['eer_flowsan']:.3f}" in line and f"{h['eer_orig']:.3f}" in line
     assert line.split()[1] == "smoke"
+
+
+def test_a_stage_edited_after_it_finished_shows_as_damaged(tmp_path):
+    _fake_run(tmp_path, "a", STAGE_NAMES[:3])
+    (tmp_path / "a" / STAGE_NAMES[1] / "metrics.json").write_text('{"edited": 1}')
+    table = runs.runs_table(tmp_path)
+    assert "+!+..." in next(x for x in table.splitlines() if x.startswith("a "))
+    assert f"{STAGE_NAMES[1]}/metrics.json was modified" in table

@@ -141,3 +141,20 @@ def test_shipped_grids_plan_on_the_preset_they_name():
             assert len(runs) >= 2 and len({r.name for r in runs}) == len(runs), grid.name
             checked.append(grid.name)
     assert {"plus-medium.yaml", "centred-medium.yaml"} <= set(checked)
+
+
+def test_a_grid_over_the_cap_is_refused_with_its_count_before_planning(tmp_path, monkeypatch):
+    """10**6 combinations planned for an hour, then would have started 10**6 runs (issue 25, case 11)."""
+    grid = tmp_path / "g.yaml"
+    grid.write_text("san.epochs: [1, 2, 3]\nevaluate.n_bootstrap: [1, 2]\n")
+
+    def planned(*a, **k):
+        raise RuntimeError("planned")
+    monkeypatch.setattr(sweep, "plan", planned)
+    with pytest.raises(config.ParamError, match=r"6 combinations \(3 san.epochs x 2 evaluate.n_bootstrap\).*"
+                                                r"--max-runs 5.*--max-runs 6"):
+        sweep.run_sweep("smoke", grid, output_dir=tmp_path / "out", max_runs=5)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(RuntimeError, match="planned"):           # --max-runs raises the cap
+        sweep.run_sweep("smoke", grid, output_dir=tmp_path / "out", max_runs=6)
+    assert sweep.MAX_RUNS == 500

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import os
 import tempfile
 import time
@@ -100,3 +101,45 @@ def acquire_lock(path: Path, wait_s: float = 0.0) -> int:
     os.ftruncate(fd, 0)
     os.pwrite(fd, str(os.getpid()).encode(), 0)
     return fd
+
+
+def marker_problems(folder: Path, marker: str, required: tuple[str, ...] = ()) -> list[str]:
+    """What is wrong with a finished folder against its marker file (`marker`, inside it), which recorded the
+    sha256 of every file the folder's stage wrote ([] = intact): the marker missing, unreadable or recording
+    no hashes (or none of a `required` file), a recorded file outside the folder, missing or modified. For
+    readers that must not trust a number the pipeline would refuse (compare, runs)."""
+    path = Path(folder) / marker
+    if not path.is_file():
+        return [f"{marker} is missing (the stage never finished)"]
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return [f"{marker} is not valid JSON"]
+    files = doc.get("files") if isinstance(doc, dict) else None
+    if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+        return [f"{marker} records no file hashes"]
+    wrong = [f"{marker} records no hash of {rel}" for rel in required if rel not in files]
+    for rel in files:
+        try:
+            confined(folder, rel, "recorded file")
+        except IntegrityError:
+            wrong.append(f"{rel} (recorded in {marker}) lies outside the folder")
+    return wrong or tree_problems(folder, files)
+
+
+def lock_holder(path: Path) -> str | None:
+    """The pid in a lock file whose lock another process holds now; None when nobody holds it or there is no
+    file. Takes nothing and writes nothing: a refusal at once, before the real lock is taken (acquire_lock)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)

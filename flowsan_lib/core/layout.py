@@ -26,6 +26,8 @@ from pathlib import Path
 PROJECT_ROOT = Path(__file__).resolve().parents[2]   # the checkout: notebooks/, params/, outputs/
 NOTEBOOK_DIR = PROJECT_ROOT / "notebooks"
 MARKER = ".stage.json"
+TIMINGS = "timings.json"   # how long a stage (or a training) took: beside its results, never hashed,
+                           # so a rebuild with equal results leaves the stages that read it current
 LOCK = ".lock"
 RUN_FOLDERS = ("notebooks", "logs", "report", "scratch")   # run folders that are not stages
 

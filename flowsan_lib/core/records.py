@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
+
+from flowsan_lib.core.layout import TIMINGS
 
 
 def flatten(d: dict | None, prefix: str = "") -> dict:
@@ -45,3 +48,17 @@ def scalars(d: dict | None) -> dict:
         else:
             out[k] = json.dumps(v, default=str) if isinstance(v, (list, tuple)) else str(v)
     return out
+
+
+def write_timings(folder, timings: dict) -> None:
+    """A stage's seconds into `<folder>/timings.json`: beside its results, never hashed by the runner."""
+    (Path(folder) / TIMINGS).write_text(json.dumps(jsonable(timings), indent=1))
+
+
+def read_timings(folder) -> dict:
+    """`<folder>/timings.json` ({} when a stage wrote none, or it is unreadable: timings are never needed)."""
+    try:
+        doc = json.loads((Path(folder) / TIMINGS).read_text())
+    except (OSError, ValueError):
+        return {}
+    return doc if isinstance(doc, dict) else {}

@@ -60,6 +60,15 @@ def _is_image(p: Path) -> bool:
     return p.is_file() and p.suffix.lower() in IMAGE_EXTS and not p.name.startswith(".")
 
 
+def _real(p: Path, folders: dict) -> str:
+    """str(p.resolve()) for a file, resolving each folder once (folders: a cache) rather than every path."""
+    if p.is_symlink():
+        return str(p.resolve())
+    if p.parent not in folders:
+        folders[p.parent] = p.parent.resolve()
+    return str(folders[p.parent] / p.name)
+
+
 # --- LFW ---------------------------------------------------------------------------------------
 
 LFW_IMAGE_DIRS = ["lfw-deepfunneled", "lfw_funneled", "lfw-funneled", "lfw"]
@@ -97,7 +106,7 @@ def load_lfw(root: str | os.PathLike, source: str = "lfw") -> pd.DataFrame:
     img_dir = lfw_image_dir(root)
     male, female = _name_list(_find_file(root, "male_names.txt")), _name_list(_find_file(root, "female_names.txt"))
     lists = bool(male or female)
-    rows = []
+    rows, folders = [], {}
     for person in sorted(d for d in img_dir.iterdir() if d.is_dir()):
         for f in sorted(p for p in person.iterdir() if _is_image(p)):
             m, w = f.name in male, f.name in female
@@ -105,7 +114,7 @@ def load_lfw(root: str | os.PathLike, source: str = "lfw") -> pd.DataFrame:
             if gender < 0:
                 note = ("unlabeled: on both gender lists" if m and w else
                         "unlabeled: on neither gender list" if lists else "unlabeled: no gender lists found")
-            rows.append({"path": str(f.resolve()), "gender": gender, "identity": person.name, "note": note})
+            rows.append({"path": _real(f, folders), "gender": gender, "identity": person.name, "note": note})
     if not rows:
         raise DataError(f"no images in {img_dir}")
     return _table(rows, source)
@@ -158,10 +167,10 @@ def load_utkface(root: str | os.PathLike, source: str = "utkface") -> pd.DataFra
     files = sorted(p for p in root.rglob("*") if _is_image(p))
     if not files:
         raise DataError(f"no UTKFace images under {root}")
-    rows = []
+    rows, folders = [], {}
     for f in files:
         lab = parse_utkface_name(f.name)
-        rows.append({"path": str(f.resolve()), **(lab or {"note": "malformed file name"})})
+        rows.append({"path": _real(f, folders), **(lab or {"note": "malformed file name"})})
     return _table(rows, source)
 
 
@@ -334,6 +343,27 @@ def manifest_path(source: str, root: Path | None) -> Path:
     if not p.is_absolute() and root is not None and (root / p).is_file():
         return root / p
     return resolve(p)
+
+
+def label_files(source: str, root: str | os.PathLike | None = "") -> list[Path]:
+    """The files a source's labels come from beside its image files (whose names carry UTKFace's labels)."""
+    r = data_root(str(root or ""))
+    if source == "sample":
+        return label_files_lfw(SAMPLE_ROOT / "lfw")
+    if source == "lfw":
+        return label_files_lfw(_dataset_dir("lfw", r))
+    if source == "celeba":
+        d = _dataset_dir("celeba", r)
+        return [p for n in ("list_attr_celeba.txt", "identity_CelebA.txt", "list_eval_partition.txt")
+                if (p := _celeba_list(d, n, required=False)) is not None]
+    if source.startswith("manifest:"):
+        return [manifest_path(source, r)]
+    return []
+
+
+def label_files_lfw(root: Path) -> list[Path]:
+    """LFW's per-image gender lists, where found."""
+    return [p for n in ("male_names.txt", "female_names.txt") if (p := _find_file(Path(root), n)) is not None]
 
 
 def check_sources(data_params) -> None:

@@ -104,7 +104,8 @@ def read_rgb(src, max_side: int | None = None) -> tuple[np.ndarray | None, dict]
         try:
             data = src if isinstance(src, bytes) else Path(src).read_bytes()
             img = Image.open(io.BytesIO(data))
-        except (OSError, UnidentifiedImageError, ValueError) as e:
+        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
+            # a bomb (e.g. 20000 x 20000 px) is refused by its header, before any pixel is decoded
             info.update(reason="unreadable", detail=f"{type(e).__name__}: {e}")
             return None, info
     info["mode"] = img.mode

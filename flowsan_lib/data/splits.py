@@ -6,6 +6,8 @@ group's majority labels; within a stratum they are shuffled with a generator der
 and the stratum's name (so adding a source does not reshuffle another), then the first
 round(n * test_frac) groups go to test, the next round(n * val_frac) to val, the rest to train.
 So val_frac and test_frac are fractions of subjects (of images where there are no identities).
+Near-duplicate photos (`neardup`) link their groups: linked groups form one unit, so a re-encoded copy
+of a training photo never lands in test, whatever identity (or none) each copy is listed under.
 """
 from __future__ import annotations
 
@@ -28,9 +30,27 @@ def _stratum_seed(seed: int, name: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**32)
 
 
-def assign_splits(table: pd.DataFrame, val_frac: float, test_frac: float, seed: int) -> np.ndarray:
-    """One of train/val/test per row; no group (identity) spans two splits."""
-    keys = group_keys(table)
+def linked_keys(keys: pd.Series, linked) -> pd.Series:
+    """Group keys with the groups of each near-duplicate cluster merged (linked: a cluster id per row, -1 alone):
+    every merged group takes the smallest key among those it joins."""
+    linked = np.asarray(linked)
+    parent: dict[str, str] = {}
+
+    def find(k: str) -> str:
+        while parent.get(k, k) != k:
+            k = parent[k]
+        return k
+    for c in np.unique(linked[linked >= 0]):
+        roots = sorted({find(k) for k in keys[linked == c]})
+        for r in roots[1:]:
+            parent[r] = roots[0]
+    return keys.map(find) if parent else keys
+
+
+def assign_splits(table: pd.DataFrame, val_frac: float, test_frac: float, seed: int, linked=None) -> np.ndarray:
+    """One of train/val/test per row; no group (identity), and no two linked rows (near-duplicates: a cluster
+    id per row, -1 alone), span two splits."""
+    keys = group_keys(table) if linked is None else linked_keys(group_keys(table), linked)
     groups = pd.DataFrame({"key": keys, "source": table["source"], "gender": table["gender"], "race": table["race"]})
     per_group = groups.groupby("key", sort=True).agg(source=("source", "first"), male=("gender", "mean"))
     per_group["gender"] = (per_group.pop("male") >= 0.5).astype(int)     # majority label; ties go to male

@@ -3,7 +3,8 @@
 Artifacts (docs/CONTRACTS.md): `faces.npz` (gray [N,R,R], rgb [N,R,R,3] uint8, landmarks [N,5,2]
 float32 in R-px crop coordinates), `faces.csv` (path, source, gender, identity, race, split, then
 age and sha1), `failures.csv` (every excluded or flagged file: source, path, outcome, reason,
-detail) and `metrics.json`. `load_faces(run_dir)` reads them back as a `FaceSet`.
+detail), `metrics.json` and `timings.json` (seconds and cache hits: how this build ran, not what it
+computed; the runner does not hash it). `load_faces(run_dir)` reads them back as a `FaceSet`.
 """
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ import numpy as np
 import pandas as pd
 
 from flowsan_lib.core.progress import progress
-from flowsan_lib.data import adapters, align, splits
+from flowsan_lib.core.records import write_timings
+from flowsan_lib.data import adapters, align, neardup, splits
 from flowsan_lib.data.cache import ChipCache, default_cache_dir
 
 STAGE = "01_data"
@@ -196,21 +198,54 @@ def _source_metrics(counts: dict, fails: pd.DataFrame, faces: pd.DataFrame, atte
         n = lambda r, outcome="excluded": int(((f["reason"] == r) & (f["outcome"] == outcome)).sum())
         n_att, n_ok = int(attempted.get(src, 0)), int(aligned.get(src, 0))
         out[src] = {**c, **{r: n(r) for r in ("unlabeled", "malformed_name", "missing_file", "duplicate",
-                                              "duplicate_conflicting_labels", "unreadable", "truncated", "no_face")},
+                                              "duplicate_conflicting_labels", "unreadable", "truncated", "no_face",
+                                              "near_duplicate_conflicting_labels")},
                     "align_attempted": n_att, "aligned": n_ok, "align_rate": round(n_ok / n_att, 5) if n_att else None,
-                    **{r: n(r, "kept") for r in ("several_faces", "fallback_detection", "converted_mode")},
+                    **{r: n(r, "kept") for r in ("several_faces", "fallback_detection", "converted_mode",
+                                                 "near_duplicate")},
                     "faces": int((faces["source"] == src).sum())}
     return out
 
 
+def _partners(cluster: np.ndarray) -> np.ndarray:
+    """The row each clustered row is named against: its cluster's first row (for the first row, the second)."""
+    rows = np.arange(len(cluster))
+    partner = rows.copy()
+    for c in np.unique(cluster[cluster >= 0]):
+        members = rows[cluster == c]
+        partner[members] = members[0]
+        partner[members[0]] = members[1]
+    return partner
+
+
+def near_duplicate_report(faces: pd.DataFrame, cluster: np.ndarray, rms: np.ndarray
+                          ) -> tuple[np.ndarray, pd.DataFrame]:
+    """(rows to keep, failures.csv rows) for near-duplicate clusters: a cluster whose gender or race labels
+    differ is excluded whole (as exact duplicates are); each other copy is kept and flagged."""
+    c = pd.Series(cluster)
+    inside = (cluster >= 0)
+    labels = faces[inside].groupby(c[inside].to_numpy())[["gender", "race"]].nunique()
+    conflict = inside & c.isin(labels.index[(labels > 1).any(axis=1)]).to_numpy()
+    rows, partner = np.arange(len(faces)), _partners(cluster)
+    paths, d = faces["path"].to_numpy(), np.where(cluster == rows, rms[partner], rms)
+    like = np.array([f"looks like {paths[q]} ({x:.1f} gray levels RMS at {neardup.THUMB} px)"
+                     for q, x in zip(partner, d)] + [""], dtype=object)[:len(faces)]   # object, also when empty
+    copy = inside & (cluster != rows) & ~conflict
+    fails = pd.concat([_failure(faces[conflict], "excluded", "near_duplicate_conflicting_labels",
+                                like[conflict] + " with another gender/race"),
+                       _failure(faces[copy], "kept", "near_duplicate", like[copy])], ignore_index=True)
+    return ~conflict, fails
+
+
 def run_data_stage(P, stage_dir: Path) -> dict:
-    """Build `01_data/` for RunParams P into stage_dir; returns the metrics dict."""
+    """Build `01_data/` for RunParams P into stage_dir; returns the metrics dict (timings go to timings.json)."""
     t0 = time.perf_counter()
     D, stage_dir = P.data, Path(stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
     table, fails, counts = collect(D, P.seed)
     cache = ChipCache(default_cache_dir(D.cache_dir), D.upsample)
     hashes = table["sha1"].tolist()
+    cache.verify(hashes)          # a damaged shard is removed (with a warning): its images are aligned again
     t_align = time.perf_counter()
     n_new = fill_cache(cache, table["path"], hashes, D.upsample, workers_for(len(cache.missing(hashes)), P.threads))
     t_align = time.perf_counter() - t_align
@@ -222,28 +257,35 @@ def run_data_stage(P, stage_dir: Path) -> dict:
         raise adapters.DataError(f"no face was aligned from sources {D.sources}; see {stage_dir / 'failures.csv'}")
     attempted, aligned = table.groupby("source").size(), table[ok].groupby("source").size()
     faces = table[ok].reset_index(drop=True)
-    faces["split"] = splits.assign_splits(faces, D.val_frac, D.test_frac, P.seed)
     gray, rgb, lms = _resize_all(cache, faces["sha1"].tolist(), D.resolution)
+    cluster, rms = neardup.near_duplicates(gray, faces["source"])
+    keep, fail_near = near_duplicate_report(faces, cluster, rms)
+    fails = pd.concat([fails, fail_near], ignore_index=True)
+    faces, gray, rgb, lms, cluster = faces[keep].reset_index(drop=True), gray[keep], rgb[keep], lms[keep], cluster[keep]
+    faces["split"] = splits.assign_splits(faces, D.val_frac, D.test_frac, P.seed, linked=cluster)
     np.savez(stage_dir / "faces.npz", gray=gray, rgb=rgb, landmarks=lms)
     faces[FACE_COLUMNS].to_csv(stage_dir / "faces.csv", index=False)
     fails.to_csv(stage_dir / "failures.csv", index=False)
-    secs = meta.loc[ok, "seconds"].astype(float)
     metrics = {
         "faces": int(len(faces)), "resolution": D.resolution, "sources": list(D.sources),
         "splits": {s: int((faces["split"] == s).sum()) for s in splits.SPLITS},
         "male_fraction": {s: round(float(faces.loc[faces["split"] == s, "gender"].mean()), 4)
                           for s in splits.SPLITS if (faces["split"] == s).any()},
         "subject_disjoint": splits.is_subject_disjoint(faces),
+        "near_duplicates": {"max_rms": neardup.MAX_RMS, "thumbnail": neardup.THUMB,
+                            "clusters": int(len(np.unique(cluster[cluster >= 0]))),
+                            "faces_in_clusters": int((cluster >= 0).sum())},
         "per_source": _source_metrics(counts, fails, faces, attempted, aligned),
         "per_split": splits.split_summary(faces),
         "align": {"chip_size": align.CHIP_SIZE, "padding": align.CHIP_PADDING, "upsample": D.upsample,
-                  "cache_dir": D.cache_dir, "cache_key": cache.dir.name, "aligned_now": n_new,
-                  "from_cache": len(set(hashes)) - n_new,
-                  "align_wall_seconds": round(t_align, 2),
-                  "seconds_per_image": round(float(secs.mean()), 5) if len(secs) else None},
-        "stage_seconds": round(time.perf_counter() - t0, 2),
+                  "cache_dir": D.cache_dir, "cache_key": cache.dir.name},
     }
     (stage_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    secs = meta.loc[ok, "seconds"].astype(float)
+    write_timings(stage_dir, {
+        "stage_seconds": round(time.perf_counter() - t0, 2), "align_wall_seconds": round(t_align, 2),
+        "seconds_per_image": round(float(secs.mean()), 5) if len(secs) else None,
+        "aligned_now": n_new, "from_cache": len(set(hashes)) - n_new})
     return metrics
 
 

@@ -111,6 +111,34 @@ def cross_fit_cnn(target: AttackTarget, fit: inhouse.TrainSettings, log=print) -
     return out
 
 
+def point_attacker(images: np.ndarray, target: AttackTarget, fit: inhouse.TrainSettings, train: tuple | None = None,
+                   valid: tuple | None = None) -> dict:
+    """The adaptive attacker of a method without stages (a baseline point, pio): a CNN trained on the method's
+    outputs of the training split (train, valid: (images, is_male)) or, without them, cross-fitted on its test
+    outputs `images` in 2 identity-disjoint folds. {setup, <test_set>: {"t0": originals, "t1": outputs}}."""
+    orig, is_male = target.seq.original, target.is_male
+    p = np.full((2, len(is_male)), np.nan)
+    if train is not None:
+        model, hist = inhouse.train_cnn("attacker", "resnet_small", train, valid or (train[0][:0], train[1][:0]), fit)
+        p[0], p[1] = p_male(model, orig), p_male(model, images)
+        setup = {"n_train": int(len(train[1])), "scheme": "trained on the method's outputs of the training split"}
+    else:
+        groups = np.array([i if i else f"_img{k}" for k, i in enumerate(target.identity)])
+        uniq = np.unique(groups)
+        fold_of = dict(zip(uniq, np.random.default_rng([fit.seed, 9]).permutation(len(uniq)) % 2))
+        fold = np.array([fold_of[g] for g in groups])
+        for f in (0, 1):
+            tr, te = fold != f, fold == f
+            model, _ = inhouse.train_cnn("attacker", "resnet_small", (images[tr], is_male[tr]),
+                                         (images[te][:0], is_male[te][:0]), dataclasses.replace(fit, seed=fit.seed + f))
+            p[0, te], p[1, te] = p_male(model, orig[te]), p_male(model, images[te])
+        setup = {"n_train": int(len(is_male) // 2), "scheme": "2-fold identity-disjoint cross-fitting on test outputs"}
+    out = {"setup": {"arch": "resnet_small", "epochs": fit.epochs, **setup}}
+    out.update({ts: {f"t{t}": _stats(p[t][idx], is_male[idx], target.boots[ts]) for t in (0, 1)}
+                for ts, idx in target.test_sets.items()})
+    return out
+
+
 def _probe():
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline

@@ -24,10 +24,11 @@ from fastai.data.load import DataLoader
 from fastai.learner import Learner
 from fastai.optimizer import Adam
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from flowsan_lib.core.device import DeviceError, oom_message
+from flowsan_lib.core.records import read_timings, write_timings
 from flowsan_lib.core.seeding import derive_seed
+from flowsan_lib.core.tensorfile import save_tensors
 
 
 def rank() -> int:
@@ -213,8 +214,21 @@ class _EpochAware(Callback):
         self.skipped = True
 
 
+def epoch_seconds(history: Path) -> list[float]:
+    """Seconds of each epoch of a History CSV: from the timings.json beside it (an older CSV: its seconds column)."""
+    history = Path(history)
+    recorded = read_timings(history.parent).get(history.stem)
+    if isinstance(recorded, list):
+        return [float(x) for x in recorded]
+    if not history.exists() or history.stat().st_size == 0:
+        return []
+    with open(history) as f:
+        return [float(r["seconds"]) for r in csv.DictReader(f) if r.get("seconds")]
+
+
 class History(_EpochAware):
-    """Per-epoch means of the loss and its terms (train and valid) appended to a CSV file.
+    """Per-epoch means of the loss and its terms (train and valid) appended to a CSV file; the epoch's seconds
+    go to `timings.json` beside it (not a result: an equal rerun writes an equal CSV).
 
     Sums stay on the device during the epoch (no host sync per step); data-parallel processes add
     theirs together at the end of the epoch (each validates the whole set, which leaves the validation
@@ -225,12 +239,15 @@ class History(_EpochAware):
     def __init__(self, path: Path, start_epoch: int = 0):
         self.path, self.start_epoch = Path(path), start_epoch
         self.rows: list[dict] = []
+        self.seconds: list[float] = []
 
     def before_fit(self):
         kept = []
         if self.path.exists() and self.start_epoch > 0:  # resume: keep the epochs already done
             with open(self.path) as f:
-                kept = [r for r in csv.DictReader(f) if int(r["epoch"]) <= self.start_epoch]
+                kept = [{k: v for k, v in r.items() if k != "seconds"}
+                        for r in csv.DictReader(f) if int(r["epoch"]) <= self.start_epoch]
+        self.seconds = epoch_seconds(self.path)[:len(kept)] if kept else []
         self.rows = kept
         self._write()
 
@@ -252,7 +269,8 @@ class History(_EpochAware):
     def after_epoch(self):
         if self.skipped:
             return
-        row = {"epoch": self.epoch + 1, "seconds": round(time.time() - self.t0, 3)}
+        row = {"epoch": self.epoch + 1}
+        self.seconds.append(round(time.time() - self.t0, 3))
         order = lambda k: (k.split("_", 1)[0], k.split("_", 1)[1] != "loss", k)  # loss first in each split
         keys = sorted(self.sums, key=order)
         if keys:
@@ -270,6 +288,7 @@ class History(_EpochAware):
         if rank() > 0:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        write_timings(self.path.parent, {**read_timings(self.path.parent), self.path.stem: self.seconds})
         if not self.rows:
             self.path.write_text("")
             return
@@ -305,7 +324,7 @@ class TextProgress(_EpochAware):
             return
         hist = next((c for c in self.learn.cbs if isinstance(c, History)), None)
         row = hist.rows[-1] if hist and hist.rows else {}
-        terms = "  ".join(f"{k} {v:.4f}" for k, v in row.items() if k not in ("epoch", "seconds"))
+        terms = "  ".join(f"{k} {v:.4f}" for k, v in row.items() if k != "epoch")
         print(f"[{self.tag}] epoch {self.epoch + 1}/{self.n_epoch}  {terms}  ({time.time() - self.t0:.1f} s)",
               flush=True)
 
@@ -378,7 +397,7 @@ def save_checkpoint(learn: Learner, path: Path, meta: dict) -> None:
                     scalars[f"{i}.{k}"] = v
     md = {"meta": json.dumps(meta), "opt_scalars": json.dumps(scalars)}
     tmp = path.with_suffix(".part")
-    save_file(tensors, str(tmp), metadata=md)
+    save_tensors(tensors, tmp, md)
     tmp.replace(path)
 
 
@@ -482,8 +501,16 @@ def fit_resumable(learn: Learner, epochs: int, lr: float, files: FitFiles, seed:
 
 
 def history_seconds(history: Path) -> float:
-    """Seconds of every epoch in a History CSV (those before an interruption too)."""
-    if not Path(history).exists() or Path(history).stat().st_size == 0:
-        return 0.0
-    with open(history) as f:
-        return round(sum(float(r["seconds"]) for r in csv.DictReader(f)), 3)
+    """Seconds of every epoch of a History CSV (those before an interruption too)."""
+    return round(sum(epoch_seconds(history)), 3)
+
+
+def result_part(summary: dict) -> dict:
+    """A training summary without how the training ran (seconds, resumed_after, loaded): what may be stored
+    in a hashed result, so that an equal rebuild writes equal bytes."""
+    return {k: v for k, v in summary.items() if not (k.endswith("seconds") or k in ("resumed_after", "loaded"))}
+
+
+def timing_part(summary: dict) -> dict:
+    """The rest of a training summary: how it ran (for timings.json)."""
+    return {k: v for k, v in summary.items() if k not in result_part(summary)}

@@ -15,9 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from flowsan_lib.core.integrity import IntegrityError, confined, sha256_file
+from flowsan_lib.core.tensorfile import save_tensors
 from flowsan_lib.method.apply import ens_avg, flow_sequence, member_outputs
 from flowsan_lib.method.prototypes import ProtoBank, load_prototypes, make_bank, select_channels
 from flowsan_lib.models.aux_cnn import AuxGenderCNN, load_aux
@@ -35,7 +36,7 @@ def save_san(san: SAN, path: Path, meta: dict | None = None) -> None:
     """Weights + constructor config (+ meta) in one safetensors file, written atomically."""
     md = {"config": json.dumps(san.config()), "meta": json.dumps(meta or {})}
     tmp = Path(path).with_suffix(".part")
-    save_file({k: v.detach().contiguous().cpu() for k, v in san.state_dict().items()}, str(tmp), metadata=md)
+    save_tensors({k: v.detach().contiguous().cpu() for k, v in san.state_dict().items()}, tmp, md)
     tmp.replace(path)
 
 
@@ -149,6 +150,25 @@ class FlowModel:
         to compute, as in `outputs`)."""
         outs = self.outputs(x, y, landmarks, t, device=device)
         return outs[-1] if self.kind == "flowsan" else ens_avg(outs, len(outs))
+
+    def gray_targets(self, y: torch.Tensor, landmarks=None, groups=None) -> torch.Tensor:
+        """[N,1,R,R] the gray prototype P_op each face is pushed to, picked as in training (prototype blending)."""
+        y = torch.as_tensor(y).float()
+        if self.warp and landmarks is None:
+            raise ModelError(f"model {self.folder} warps prototypes onto landmarks: pass each face's 5 landmarks")
+        bank = make_bank(self.protos, 1, self.warp, landmarks)
+        return bank.pair(torch.arange(len(y)), self.prototype_labels(y, groups))[1]
+
+    def release(self, x: torch.Tensor, y, landmarks=None, t: int | None = None, method: str = "model",
+                seed: int = 0, device=None) -> torch.Tensor:
+        """The released images: method "model" is `anonymize`; a baseline point ("blur:2", "blend:0.4", ...)
+        replaces the SANs (method.baselines; blending pushes towards the prototype the model would pick)."""
+        if method == "model":
+            return self.anonymize(x, y, landmarks, t, seed, device)
+        from flowsan_lib.method.baselines import BaselineInputs, apply_baseline, needs_targets
+        self.check_images(x)
+        targets = self.gray_targets(y, landmarks) if needs_targets(method) else None
+        return apply_baseline(method, x, BaselineInputs(seed, targets))
 
 
 MODEL_FILE = re.compile(r"(stage\d{2}|aux_G\d{2}|prototypes)\.safetensors")  # what `files` may list

@@ -19,11 +19,11 @@ import numpy as np
 import torch
 from fastai.callback.core import Callback
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from flowsan_lib.core.device import module_device, pick_device, require_on, resolve_precision, same_device
 from flowsan_lib.core.integrity import sha256_file
 from flowsan_lib.core.seeding import derive_seed
+from flowsan_lib.core.tensorfile import save_tensors
 from flowsan_lib.method.apply import apply_san, as_float
 from flowsan_lib.method.fit import (
     FitFiles,
@@ -35,6 +35,7 @@ from flowsan_lib.method.fit import (
     last_checkpoint,
     make_dls,
     rank,
+    result_part,
     world,
 )
 from flowsan_lib.method.losses import SanLoss
@@ -112,7 +113,7 @@ def cached_descriptors(matcher, name: str, gray: np.ndarray, path: Path, device=
                 return f.get_tensor("desc")
     t0 = time.time()
     d = descriptors(matcher, torch.from_numpy(np.ascontiguousarray(gray)).unsqueeze(1), device=device)
-    save_file({"desc": d.contiguous()}, str(path), metadata={"matcher": name, "images_sha256": key})
+    save_tensors({"desc": d.contiguous()}, path, {"matcher": name, "images_sha256": key})
     print(f"[descriptors] {len(d)} original faces with matcher {name} in {time.time() - t0:.1f} s", flush=True)
     return d
 
@@ -301,13 +302,13 @@ def _train_or_load(run: SanRun, stage: SanStage, data: tuple[StageData, StageDat
     """Stage i of `role`: load its finished file if it matches its params, else train (resuming) and save."""
     role, i, params = stage.role, stage.i, stage.params
     final = stage.folder / f"stage{i:02d}.safetensors"
-    tag = f"{role} stage {i}"
+    tag, hist = f"{role} stage {i}", run.hist_root / f"{role}_stage{i:02d}.csv"
     if final.exists():
         san, meta = read_san(final)
         if meta.get("params") != params:
             raise ModelError(f"{final} was trained with different parameters; delete {stage.folder} to retrain")
         print(f"[{tag}] done earlier ({final.name}); loaded", flush=True)
-        return san.to(run.device), {**meta.get("summary", {}), "loaded": True}
+        return san.to(run.device), {**meta.get("summary", {}), "loaded": True, "seconds": history_seconds(hist)}
     sp = run.sp.for_stage(i)
     train, valid = data
     torch.manual_seed(derive_seed(run.seed, "san-init", i))  # the same start for FlowSAN stage i and member i
@@ -316,12 +317,12 @@ def _train_or_load(run: SanRun, stage: SanStage, data: tuple[StageData, StageDat
     if init is not None:
         san.load_state_dict(init.state_dict())
     san = san.to(run.device)                             # a fresh module: created here, then trained in place
-    files = FitFiles(tag, run.ckpt_root / role / f"stage{i:02d}", run.hist_root / f"{role}_stage{i:02d}.csv", params)
+    files = FitFiles(tag, run.ckpt_root / role / f"stage{i:02d}", hist, params)
     fit = SanFit(sp, derive_seed(run.seed, "san", i), files, run.device,
                  tuple(run.extra_cbs(role, i)) if run.extra_cbs else (), gpus)
     summary = train_san(san, train, valid, gender, run.matcher, fit)
     stage.folder.mkdir(parents=True, exist_ok=True)
-    save_san(san, final, {"params": params, "summary": summary})
+    save_san(san, final, {"params": params, "summary": result_part(summary)})   # how it ran: not in the weights
     return san, summary
 
 

@@ -12,9 +12,11 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from torch.nn import functional as F
+
+from flowsan_lib.core.tensorfile import save_tensors
 
 WIDTHS = {"original": (32, 64, 128, 256, 256, 512), "small": (8, 16, 32, 64, 64, 128)}
 
@@ -75,7 +77,7 @@ def save_aux(net: AuxGenderCNN, path: Path, extra: dict | None = None) -> None:
     """Weights as safetensors, architecture and provenance in the header metadata."""
     meta = {"config": json.dumps(net.config()), "name": net.name, "provenance": json.dumps(net.provenance)}
     meta.update({k: json.dumps(v) for k, v in (extra or {}).items()})
-    save_file({k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}, str(path), metadata=meta)
+    save_tensors({k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}, path, meta)
 
 
 def load_aux(path: Path, device: str | torch.device = "cpu") -> AuxGenderCNN:

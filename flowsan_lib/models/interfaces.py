@@ -33,7 +33,9 @@ _GENDER = {"faceapi_gender": "faceapi_agegender:load_gender_classifier",
 _MATCHER = {"faceapi": "faceapi_resnet:load_matcher",
             "hse": "faceres:load_matcher",
             "dlib": "dlib_native:load_matcher",
-            "mobileface": "mobileface:load_matcher"}
+            "mobileface": "mobileface:load_matcher",
+            "sface": "sface:load_matcher",
+            "mobilefacenet_ms1m": "mobilefacenet_ms1m:load_matcher"}
 
 
 class FrozenModel(nn.Module):

@@ -8,6 +8,7 @@ from pathlib import Path
 import nbformat
 import yaml
 
+from flowsan_lib.core.environment import ESSENTIAL_PACKAGES, read_environment, summary
 from flowsan_lib.core.layout import PROJECT_ROOT, RunLayout
 from flowsan_lib.core.records import flatten
 
@@ -58,6 +59,7 @@ def machine_prefixes(run_dir: Path | None = None) -> list[tuple[str, str]]:
     if run_dir is not None:
         pairs.append((str(Path(run_dir).resolve()), "<run>"))
         pairs.append((str(Path(run_dir)), "<run>"))
+        pairs += data_prefixes(run_dir)
     out = {}
     for path, name in pairs:
         for p in {path, str(Path(path).resolve())}:
@@ -66,12 +68,30 @@ def machine_prefixes(run_dir: Path | None = None) -> list[tuple[str, str]]:
     return sorted(out.items(), key=lambda kv: -len(kv[0]))
 
 
+def data_prefixes(run_dir: Path) -> list[tuple[str, str]]:
+    """The run's data root and the folders of its manifests (params.yaml), shown as '<data>': where a user keeps
+    photos is no business of a published report."""
+    from flowsan_lib.data.adapters import data_root, manifest_path
+    try:
+        data = (yaml.safe_load((Path(run_dir) / "params.yaml").read_text()) or {}).get("data") or {}
+        root, sources = data_root(str(data.get("data_root") or "")), list(data.get("sources") or [])
+    except (OSError, yaml.YAMLError, AttributeError, TypeError):
+        return []
+    folders = [manifest_path(str(s), root).parent for s in sources if str(s).startswith("manifest:")]
+    return [(str(f), "<data>") for f in folders + ([root] if root else [])]
+
+
+def relative_text(s: str, prefixes: list[tuple[str, str]]) -> str:
+    """s with each machine prefix (longest first, see machine_prefixes) replaced by what a published page shows."""
+    for path, name in prefixes:
+        s = s.replace(path + "/", name + "/").replace(path, name)
+    return s
+
+
 def relative_outputs(nb: nbformat.NotebookNode, prefixes: list[tuple[str, str]]) -> nbformat.NotebookNode:
     """Machine paths in outputs (tracebacks of a failed stage, warnings) written relative: '<project>/...'."""
     def fix(s: str) -> str:
-        for path, name in prefixes:
-            s = s.replace(path + "/", name + "/").replace(path, name)
-        return s
+        return relative_text(s, prefixes)
     for cell in nb.cells:
         for out in cell.get("outputs", []):
             if "text" in out:
@@ -157,6 +177,37 @@ def package_versions(names=("torch", "fastai", "numpy")) -> dict[str, str]:
     return out
 
 
+def environment_rows(env: dict) -> list[list[str]]:
+    """The provenance rows of a run's environment record: CPU and kernels, key versions, the lock file."""
+    s = summary(env)
+    esc = html.escape
+    versions = ", ".join(f"{n} {s[n]}" for n in ESSENTIAL_PACKAGES if s.get(n))
+    lock = f"requirements.lock sha256 {s['lock_sha256']}" + (
+        f"; {s['lock_mismatches']} installed packages differ from it" if s["lock_mismatches"] else "")
+    return [["CPU", esc(f"{s['cpu']}; torch CPU capability {s['cpu_capability']}, {s['threads']} threads; "
+                        f"GPUs: {s['gpus']}")],
+            ["packages", esc(f"python {s['python']}, {versions}")],
+            ["lock file", esc(lock)],
+            ["numeric environment variables", esc(s["env"])],
+            ["environment digest", f"<code>{esc(str(s['digest']))}</code> (logs/environment.json)"]]
+
+
+def environment_details(env: dict | None) -> str:
+    """The full environment record folded: every package, SIMD flags, torch's BLAS / oneDNN build."""
+    if not env:
+        return ""
+    esc = html.escape
+    t = env.get("torch") or {}
+    lines = [f"CPU SIMD flags: {' '.join((env.get('cpu') or {}).get('simd') or [])}",
+             f"BLAS {t.get('blas')}, LAPACK {t.get('lapack')}; {t.get('mkl')}; {t.get('onednn')}",
+             "differences from the lock: " + ("; ".join(f"{k} {v}" for k, v in
+                                                         ((env.get("lock") or {}).get("mismatches") or {}).items())
+                                                or "none"),
+             "packages: " + ", ".join(f"{k}=={v}" for k, v in (env.get("packages") or {}).items())]
+    return ("<details><summary>Environment (logs/environment.json)</summary><pre>"
+            + esc("\n".join(lines)) + "</pre></details>")
+
+
 def inline_svg(chart) -> str:
     """An altair chart as inline SVG (vl-convert, offline), without the XML prolog."""
     from flowsan_lib.viz import charts
@@ -220,6 +271,26 @@ def _models(ev: dict, flow: dict) -> list[list[str]]:
     return rows
 
 
+def baseline_line(ev: dict) -> str:
+    """The front page's answer to "does FlowSAN beat the classic baselines?": the most private baseline
+    whose unseen matchers' TMR retention is at least FlowSAN's at t = n, beside FlowSAN."""
+    from flowsan_lib.evaluate.points import best_baseline_at
+    fr = ev.get("frontier") or {}
+    n = (ev.get("setup") or {}).get("n_stages", 0)
+    flow = (fr.get(f"t{n}") or {}).get("flowsan") or {}
+    dev, ret = ((flow.get(k) or {}).get("value") for k in ("auc_dev", "tmr_retention"))
+    best = best_baseline_at(fr.get("points") or {}, ret)
+    if best is None or dev is None:
+        return "<p id='baseline'>No baseline was evaluated (evaluate.baselines) or FlowSAN has no frontier point.</p>"
+    f = lambda v: "n/a" if v is None else f"{v:.3f}"
+    where = (f"at FlowSAN's TMR retention ({f(ret)}) or above" if best["reaches"] else
+             f"no baseline retains as much as FlowSAN ({f(ret)}); the one that retains most")
+    verdict = "FlowSAN is more private" if dev < best["auc_dev"] else "the baseline is as private or more"
+    return (f"<p id='baseline'>Best classic baseline {where}: <code>{html.escape(best['key'])}</code>, "
+            f"|AUC - 0.5| {f(best['auc_dev'])} at retention {f(best['tmr_retention'])}, against FlowSAN's "
+            f"{f(dev)} at t = {n}: {verdict} (unseen models, TMR at FMR 1%).</p>")
+
+
 STYLE = ("body{font-family:sans-serif;max-width:72em;margin:2em auto;padding:0 1em;color:#222}"
          "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.2em .6em;text-align:left}"
          "th{background:#f4f4f4}.warn li{color:#8a4b00}figure{margin:1em 0}figcaption{color:#555;font-size:.9em}"
@@ -243,6 +314,10 @@ def index_page(run_dir: Path, pages: dict[str, Path], out: Path | None = None) -
     done = sum(s["status"] == "done" for s in st.values())
     parts.append(f"<p>{done} of {len(st)} stages finished. Numbers are means over the models the SANs never saw, "
                  "with bootstrap 95% intervals over test images.</p>")
+    collapsed = flow.get("collapse_warnings") or []    # 04 flagged a stage whose edit exploded or TMR collapsed
+    if collapsed:
+        parts.append("<ul class='warn' id='collapse'>" + "".join(f"<li><b>{esc(w)}</b></li>" for w in collapsed)
+                     + "</ul>")
 
     # what was run
     rows = [["preset", f"<code>{esc(preset)}</code>"]]
@@ -270,8 +345,11 @@ def index_page(run_dir: Path, pages: dict[str, Path], out: Path | None = None) -
     device = (ev.get("setup") or {}).get("device") or flow.get("device") or params.get("device", "unknown")
     rows.append(["device", esc(str(device))])
     rows.append(["code", f"<code>{esc(code_commit())}</code>"])
-    rows.append(["packages", esc(", ".join(f"{k} {v}" for k, v in package_versions().items()))])
-    parts.append("<h2>What was run</h2>" + _table(["", ""], rows, "setup"))
+    env = read_environment(run_dir)
+    rows += environment_rows(env) if env else [
+        ["packages", esc(", ".join(f"{k} {v}" for k, v in package_versions().items())
+                         + " (now: the run recorded no environment)")]]
+    parts.append("<h2>What was run</h2>" + _table(["", ""], rows, "setup") + environment_details(env))
 
     # headline table
     parts.append("<h2>Headline: paper Table 3</h2>")
@@ -287,6 +365,7 @@ def index_page(run_dir: Path, pages: dict[str, Path], out: Path | None = None) -
         parts.append("<p>Gender: mean over unseen classifiers and test sets (EER and AUC 0.5 = chance). Matching: "
                      "mean over unseen matchers and test sets, different-image pairs; retention = TMR / TMR of the "
                      "originals. Original rows are the unperturbed images (t = 0).</p>")
+        parts.append(baseline_line(ev))
     else:
         parts.append("<p>No evaluation results (05_evaluate has not finished).</p>")
 
@@ -357,7 +436,8 @@ def build_report(run_dir: str | Path) -> Path:
     out.mkdir(exist_ok=True)
     pages = {nb.stem: notebook_to_html(nb, out / f"{nb.stem}.html", run_dir)
              for nb in sorted(RunLayout(run_dir).notebook_dir.glob("*.ipynb")) if not nb.stem.endswith(".attempt")}
-    index, page = out / "index.html", index_page(run_dir, pages, out)
+    index = out / "index.html"
+    page = relative_text(index_page(run_dir, pages, out), machine_prefixes(run_dir))   # no machine path either
     if external_references(page):                 # the report must open offline, mailed as a zip
         raise ValueError(f"{index} would load from the network: {external_references(page)[:3]}")
     index.write_text(page)

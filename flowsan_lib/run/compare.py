@@ -1,7 +1,9 @@
 """Comparing finished runs: their differing parameters, the privacy-utility frontier, per-classifier AUCs.
 
 Reads each run's `params.yaml` and `05_evaluate/metrics.json` (its `frontier` section: every method at
-every t, unseen models only, with bootstrap CIs). Privacy: mean |AUC - 0.5| of the unseen gender
+every t, unseen models only, with bootstrap CIs), and only from a run whose 05_evaluate files still have
+the sha256 its marker recorded when the stage finished: an edited number is refused, as `flowsan run`
+refuses it, never plotted. Privacy: mean |AUC - 0.5| of the unseen gender
 classifiers (lower is better); utility: mean TMR retention of the unseen matchers at FMR 1% (higher
 is better). A point is on the Pareto front when no other point is at least as good on both and
 better on one.
@@ -14,13 +16,17 @@ from pathlib import Path
 
 import altair as alt
 import pandas as pd
-import yaml
 
-from flowsan_lib.core.layout import RunLayout
+from flowsan_lib.core.config import ParamError, clip, load_yaml
+from flowsan_lib.core.integrity import marker_problems
+from flowsan_lib.core.layout import ARTIFACTS, MARKER, RunLayout
 from flowsan_lib.core.records import flatten
+from flowsan_lib.report.runs import preset_of
 
 METHODS = ("flowsan", "ens_avg", "ens_gibbs")
 METHOD_LABEL = {"original": "Original", "flowsan": "FlowSAN", "ens_avg": "Ens-Avg", "ens_gibbs": "Ens-Gibbs"}
+POINT_LABEL = {"blur": "Gaussian blur", "pixelate": "Pixelation", "noise": "Gaussian noise",
+               "blend": "Prototype blend", "pio": "Per-image optimisation"}
 
 
 class CompareError(ValueError):
@@ -35,11 +41,39 @@ class EvaluatedRun:
 
 
 def load_run(run_dir: str | Path) -> EvaluatedRun:
+    """A finished run's parameters and evaluation metrics, checked against the hashes its 05_evaluate marker
+    recorded; CompareError naming the file and the fix for an unfinished, damaged or unreadable run."""
     run = RunLayout(Path(run_dir))
-    mfile = run.artifact("eval_metrics")
-    if not mfile.is_file() or not run.params_file.is_file():
-        raise CompareError(f"{run.root} has no finished 05_evaluate (or no params.yaml): run it first")
-    return EvaluatedRun(run.root.name, yaml.safe_load(run.params_file.read_text()), json.loads(mfile.read_text()))
+    mfile, stage = run.artifact("eval_metrics"), ARTIFACTS["eval_metrics"].stage
+    preset = preset_of(run.root) if run.root.is_dir() else "unknown"
+    rerun = (f"re-run it (`flowsan run {preset if preset != 'unknown' else 'PRESET'} --run-name {run.root.name} "
+             f"--from {stage}`) or leave it out")
+    if not run.marker(stage).is_file() or not mfile.is_file() or not run.params_file.is_file():
+        raise CompareError(f"{run.root} has no finished {stage} (or no params.yaml): run it first")
+    rel = mfile.relative_to(run.stage_dir(stage)).as_posix()
+    problems = marker_problems(run.stage_dir(stage), MARKER, required=(rel,))
+    if problems:
+        raise CompareError(f"run {run.root.name}: {'; '.join(f'{stage}/{p}' for p in problems[:3])} since the stage "
+                           f"finished, so its numbers cannot be trusted; {rerun}")
+    try:
+        params = load_yaml(run.params_file.read_text(), str(run.params_file))
+        metrics = json.loads(mfile.read_text())
+    except ParamError as e:
+        raise CompareError(f"{e}; `flowsan run` writes it: restore it, or {rerun}") from None
+    except (UnicodeDecodeError, ValueError) as e:
+        raise CompareError(f"{mfile} is not valid JSON ({clip(str(e))}); {rerun}") from None
+    for path, doc in ((run.params_file, params), (mfile, metrics)):
+        if not isinstance(doc, dict):
+            raise CompareError(f"{path} holds {type(doc).__name__}, not the mapping `flowsan run` writes; {rerun}")
+    r = EvaluatedRun(run.root.name, params, metrics)
+    try:
+        frontier_frame([r])                      # the notebook's first use: refused here, with the file named
+    except CompareError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        raise CompareError(f"{mfile}: its 'frontier' section is not what {stage} writes ({type(e).__name__}: "
+                           f"{clip(str(e))}); {rerun}") from None
+    return r
 
 
 def differing_params(runs: list[EvaluatedRun]) -> pd.DataFrame:
@@ -59,14 +93,24 @@ def frontier_frame(runs: list[EvaluatedRun]) -> pd.DataFrame:
             raise CompareError(f"run {r.name}: its 05_evaluate metrics have no 'frontier' section; "
                                "re-run it with `flowsan run ... --from 05_evaluate`")
         for tkey, block in fr.items():
+            if tkey == "points":                      # baselines and pio: a point per strength, no stage
+                for key, st in block.items():
+                    rows.append({"run": r.name, "method": st["method"], "Method": POINT_LABEL.get(st["method"],
+                                 st["method"]), "t": None, "label": f"{st['param']}={st['strength']:g}",
+                                 **_ci(st)})
+                continue
             for method, st in block.items():
                 rows.append({"run": r.name, "method": method, "Method": METHOD_LABEL.get(method, method),
-                             "t": int(tkey[1:]),
-                             **{f"{k}{suffix}": st[k][part] for k in ("auc_dev", "tmr_retention")
-                                for suffix, part in (("", "value"), ("_lo", "lo"), ("_hi", "hi"))}})
+                             "t": int(tkey[1:]), "label": tkey[1:], **_ci(st)})
     df = pd.DataFrame(rows)
     df["pareto"] = pareto_mask(df)
     return df
+
+
+def _ci(st: dict) -> dict:
+    """auc_dev and tmr_retention with their CIs, flat."""
+    return {f"{k}{suffix}": st[k][part] for k in ("auc_dev", "tmr_retention")
+            for suffix, part in (("", "value"), ("_lo", "lo"), ("_hi", "hi"))}
 
 
 def pareto_mask(df: pd.DataFrame) -> list[bool]:
@@ -89,15 +133,16 @@ def frontier_chart(df: pd.DataFrame) -> alt.Chart:
         x=alt.X("tmr_retention:Q", title="unseen matchers' TMR retention at FMR 1% (higher = more useful)"),
         y=alt.Y("auc_dev:Q", title="unseen classifiers' mean |AUC - 0.5| (lower = more private)"),
         color=alt.Color("run:N"), shape=alt.Shape("Method:N"),
-        tooltip=["run", "Method", "t", "auc_dev", "tmr_retention"])
+        tooltip=["run", "Method", "label", "auc_dev", "tmr_retention"])
     points = base.mark_point(filled=True, size=60)
     xerr = base.mark_rule(opacity=0.4).encode(x="tmr_retention_lo:Q", x2="tmr_retention_hi:Q")
     yerr = base.mark_rule(opacity=0.4).encode(y="auc_dev_lo:Q", y2="auc_dev_hi:Q")
     front = alt.Chart(df[df.pareto].sort_values("tmr_retention")).mark_line(
         color="black", strokeDash=[4, 3]).encode(x="tmr_retention:Q", y="auc_dev:Q")
-    labels = base.mark_text(dx=8, dy=-6, fontSize=9).encode(text="t:O")
+    labels = base.mark_text(dx=8, dy=-6, fontSize=9).encode(text="label:N")
     return (xerr + yerr + points + labels + front).properties(
-        width=460, height=320, title="privacy-utility frontier (labels: t; dashed: Pareto front)")
+        width=460, height=320, title="privacy-utility frontier (labels: t, or a baseline's strength / pio's k; "
+        "dashed: Pareto front)")
 
 
 def auc_frame(runs: list[EvaluatedRun], method: str = "flowsan") -> pd.DataFrame:
@@ -132,6 +177,14 @@ def auc_heatmap(runs: list[EvaluatedRun], method: str = "flowsan") -> alt.Chart:
 def headline(run_dir: str | Path) -> dict:
     """A run's FlowSAN numbers at t = n (unseen models): privacy, utility, range of pretrained AUCs."""
     r = load_run(run_dir)
+    try:
+        return _headline(r)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        raise CompareError(f"run {r.name}: its evaluation metrics are not what 05_evaluate writes "
+                           f"({type(e).__name__}: {clip(str(e))}); re-run it with --from 05_evaluate") from None
+
+
+def _headline(r: EvaluatedRun) -> dict:
     n = r.metrics.get("setup", {}).get("n_stages", 0)
     pt = r.metrics.get("frontier", {}).get(f"t{n}", {}).get("flowsan", {})
     aucs = auc_frame([r])
@@ -150,13 +203,23 @@ def execute_compare(runs: list[str], out_dir: Path) -> Path:
     from flowsan_lib.report.html import notebook_to_html
     from flowsan_lib.run.kernel import QuietKernelManager
     from flowsan_lib.run.stage_setup import run_folder
-    for r in runs:
-        load_run(run_folder(r))                          # every run named is finished, before any work
+    problems = []
+    for r in runs:                                       # every run named is finished and intact, before any work
+        try:
+            load_run(run_folder(r))
+        except CompareError as e:
+            problems.append(str(e))
+    if problems:
+        raise CompareError(f"{len(problems)} of {len(runs)} runs cannot be compared: " + " | ".join(problems))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     executed = out_dir / "07_compare.ipynb"
-    pm.execute_notebook(str(NOTEBOOK_DIR / "07_compare.ipynb"), str(executed),
-                        parameters={"runs": list(runs), "out_dir": str(out_dir.resolve())},
-                        cwd=str(PROJECT_ROOT), progress_bar=False, kernel_name="python3",
-                        kernel_manager_class=QuietKernelManager)
+    try:
+        pm.execute_notebook(str(NOTEBOOK_DIR / "07_compare.ipynb"), str(executed),
+                            parameters={"runs": list(runs), "out_dir": str(out_dir.resolve())},
+                            cwd=str(PROJECT_ROOT), progress_bar=False, kernel_name="python3",
+                            kernel_manager_class=QuietKernelManager)
+    except pm.PapermillExecutionError as e:
+        raise CompareError(f"the compare notebook failed in cell {e.exec_count} ({e.ename}: {clip(str(e.evalue))}); "
+                           f"see {executed}") from None
     return notebook_to_html(executed, out_dir / "compare.html")

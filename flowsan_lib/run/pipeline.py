@@ -12,6 +12,8 @@ notebook are replaced only when what they describe has succeeded.
 """
 from __future__ import annotations
 
+import ast
+import errno
 import fcntl
 import hashlib
 import json
@@ -27,7 +29,8 @@ import yaml
 
 from flowsan_lib.core import codegraph, config
 from flowsan_lib.core.integrity import atomic_write_text, hash_tree, tree_problems
-from flowsan_lib.core.layout import MARKER, NOTEBOOK_DIR, PROJECT_ROOT, STAGES, RunLayout, Stage
+from flowsan_lib.core.layout import MARKER, NOTEBOOK_DIR, PROJECT_ROOT, STAGES, TIMINGS, RunLayout, Stage
+from flowsan_lib.core.records import flatten
 
 log = logging.getLogger("flowsan.run")
 log.setLevel(logging.INFO)  # logs/run.log records every run, also when called as a library (no CLI logging setup)
@@ -64,17 +67,64 @@ def code_closure(*modules: str) -> list[Path]:
     return sorted(set(codegraph.closure(modules, LIBRARY).values()))
 
 
+def module_code(path: Path) -> bytes:
+    """A module's code without its comments and layout (its syntax tree): a comment edit changes no result."""
+    source = path.read_bytes()
+    try:
+        return ast.dump(ast.parse(source)).encode()
+    except SyntaxError:
+        return source                                 # it cannot run as it is: its bytes, then
+
+
 def code_digest(stage: Stage) -> str:
-    """sha256 over the library files a stage runs: its notebook's setup cell and its stage function
-    (path and content of each; the modules its notebook only displays with are not part of a result)."""
+    """sha256 over the library code a stage runs: its notebook's setup cell and its stage function
+    (path and syntax tree of each; the modules its notebook only displays with are not part of a result)."""
     h = hashlib.sha256()
     for p in code_closure(SETUP_MODULE, stage.entry) if stage.entry else ():
-        h.update(p.relative_to(LIBRARY).as_posix().encode() + b"\0" + p.read_bytes())
+        h.update(p.relative_to(LIBRARY).as_posix().encode() + b"\0" + module_code(p) + b"\0")
     return h.hexdigest()[:16]
 
 
+def _data_inputs(params: config.RunParams) -> dict:
+    from flowsan_lib.data.inputs import input_digest
+    return input_digest(params.data)
+
+
+# What a stage reads from outside the run, by content: its digest is part of the stage's fingerprint
+# (an edited label or an overwritten photo makes 01 stale) and is recorded in its marker.
+OUTSIDE_INPUTS = {"01_data": _data_inputs}
+
+
+_outside_memo: dict | None = None    # within one `run`: each digest once (preflight, reuse donors, the marker)
+
+
+def outside_inputs(stage: Stage, params: config.RunParams) -> dict | None:
+    """{"files": how many, "sha256": their content digest} of what a stage reads from outside the run, or None."""
+    if stage.name not in OUTSIDE_INPUTS:
+        return None
+    key = (stage.name, _digest(config.to_dict(params)))
+    if _outside_memo is not None and key in _outside_memo:
+        return _outside_memo[key]
+    digest = OUTSIDE_INPUTS[stage.name](params)
+    if _outside_memo is not None:
+        _outside_memo[key] = digest
+    return digest
+
+
+@contextmanager
+def _inputs_read_once():
+    """Inside: a stage's outside inputs are listed and hashed once, and the marker records that digest."""
+    global _outside_memo
+    old, _outside_memo = _outside_memo, {}
+    try:
+        yield
+    finally:
+        _outside_memo = old
+
+
 def fingerprint(stage: Stage, params: config.RunParams, run: RunLayout, notebook_dir: Path) -> str:
-    """What a stage's result depends on: params, notebook, library code, and its inputs (fingerprint and content)."""
+    """What a stage's result depends on: params, notebook, library code, its inputs from earlier stages
+    (fingerprint and content) and, for 01_data, the content of the data it reads (`outside_inputs`)."""
     values = config.to_dict(params)
     notebook = notebook_dir / f"{stage.name}.ipynb"
     upstream = {}
@@ -82,13 +132,17 @@ def fingerprint(stage: Stage, params: config.RunParams, run: RunLayout, notebook
         marker = read_marker(run.root, need)
         # what it read: the upstream fingerprint AND the bytes it wrote (a rebuilt input that differs -> stale)
         upstream[need] = _digest([marker["fingerprint"], marker.get("files")]) if marker else None
-    return _digest({
+    parts = {
         "params": {s: values[s] for s in stage.sections},
         "global": {k: values[k] for k in GLOBAL_KEYS},
         "notebook": hashlib.sha256(notebook.read_bytes()).hexdigest(),
         "code": code_digest(stage),
         "upstream": upstream,
-    })
+    }
+    outside = outside_inputs(stage, params)
+    if outside is not None:
+        parts["outside"] = outside["sha256"]
+    return _digest(parts)
 
 
 def stage_state(run: RunLayout, stage: Stage, fp: str, hashed: bool = False) -> str:
@@ -142,10 +196,23 @@ def check_params_change(run: RunLayout, params: config.RunParams, force: bool) -
         old = config.from_dict(yaml.safe_load(run.params_file.read_text()) or {}, str(run.params_file))
     except (config.ParamError, yaml.YAMLError) as e:
         raise RunError(f"{run.params_file} is damaged ({e}); pass --force to replace it") from None
-    same = lambda p: {k: v for k, v in config.to_dict(p).items() if k not in EXECUTION_KEYS}
-    if same(old) != same(params) and not force:
-        raise RunError(f"{run.root} already holds a run with other parameters; "
+    changes = changed_params(old, params)
+    if changes and not force:
+        shown = "; ".join(changes[:6]) + (f"; and {len(changes) - 6} more" if len(changes) > 6 else "")
+        raise RunError(f"{run.root} already holds a run with other parameters ({shown}); "
                        "choose another --run-name, or pass --force to re-run changed stages")
+
+
+def changed_params(old: config.RunParams, new: config.RunParams) -> list[str]:
+    """'key: old -> new' for every parameter that differs (execution-only keys aside), in dotted form."""
+    a, b = (flatten({k: v for k, v in config.to_dict(p).items() if k not in EXECUTION_KEYS}) for p in (old, new))
+    return [f"{k}: {_shown(a.get(k))} -> {_shown(b.get(k))}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def _shown(value, limit: int = 60) -> str:
+    """A parameter value as JSON, cut to `limit` characters (a message never echoes a whole list)."""
+    text = json.dumps(value, default=str)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _check_data_sources(params: config.RunParams) -> None:
@@ -226,11 +293,27 @@ def preflight(run: RunLayout, params: config.RunParams, selected, forced, notebo
     return current
 
 
+def not_writable(e: OSError, folder: Path) -> RunError:
+    """The message for a run folder (or its parent) that cannot be written: which folder, why, and the fix."""
+    target = Path(e.filename or folder)
+    folder = target if target.is_dir() else next((p for p in target.parents if p.exists()), target.parent)
+    what = f"{folder} is not writable" if folder == target else f"cannot create {target}: {folder} is not writable"
+    return RunError(f"{what} ({e.strerror}): make it writable (chmod u+w, or chattr -i where it is immutable), "
+                    "or run elsewhere: another --run-name, or $FLOWSAN_OUTPUTS set to a writable folder")
+
+
 @contextmanager
 def run_lock(run: RunLayout):
     """Hold the run folder's advisory lock; a second `flowsan run` into it is refused, not queued."""
-    run.root.mkdir(parents=True, exist_ok=True)
-    fd = os.open(run.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        run.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(run.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+    except PermissionError as e:                     # EACCES, EPERM (an immutable folder)
+        raise not_writable(e, run.root) from None
+    except OSError as e:
+        if e.errno != errno.EROFS:
+            raise
+        raise not_writable(e, run.root) from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -322,16 +405,17 @@ def run(request: RunRequest | str, options: RunOptions = RunOptions()) -> RunRes
     check_params_change(run_layout, params, req.force)
     from flowsan_lib.core.device import check_run_device
     check_run_device(params.device, params.gpus)      # device: cuda without a GPU, --gpus 4 on 2: refused here
-    hashed = preflight(run_layout, params, selected, forced, options.notebook_dir, req.reuse_from,
-                       options.fetch_models)
-    with run_lock(run_layout):
-        handler = _file_handler(run_layout)
-        log.addHandler(handler)
-        try:
-            return _run_locked(run_layout, params, req, options, (selected, forced), hashed)
-        finally:
-            log.removeHandler(handler)
-            handler.close()
+    with _inputs_read_once():
+        hashed = preflight(run_layout, params, selected, forced, options.notebook_dir, req.reuse_from,
+                           options.fetch_models)
+        with run_lock(run_layout):
+            handler = _file_handler(run_layout)
+            log.addHandler(handler)
+            try:
+                return _run_locked(run_layout, params, req, options, (selected, forced), hashed)
+            finally:
+                log.removeHandler(handler)
+                handler.close()
 
 
 def _run_locked(run: RunLayout, params, req: RunRequest, options: RunOptions,
@@ -344,6 +428,8 @@ def _run_locked(run: RunLayout, params, req: RunRequest, options: RunOptions,
     attempt.parent.mkdir(parents=True, exist_ok=True)
     config.dump(params, attempt)
     log.info("run %s: preset %s, stages %s", run.root.name, req.preset, ", ".join(s.name for s in selected))
+    from flowsan_lib.core.environment import summary_line, write_environment
+    log.info("%s", summary_line(write_environment(run.root)))   # packages, CPU, kernels: logs/environment.json
     result = RunResult(run.root)
     here = _key(run.root)
     verified = {stage for root, stage in hashed if root == here}   # hashed (or written) in this run: not again
@@ -371,7 +457,7 @@ def _run_locked(run: RunLayout, params, req: RunRequest, options: RunOptions,
             result.reused.append(stage.name)
             continue
         log.info("%s: running (%s)", stage.name, state)
-        result.seconds[stage.name] = execute_stage(stage, run, notebook_dir, fp)
+        result.seconds[stage.name] = execute_stage(stage, run, notebook_dir, fp, outside_inputs(stage, params))
         result.ran.append(stage.name)
     attempt.replace(run.params_file)                  # params.yaml now describes every finished stage
     if options.report:
@@ -437,8 +523,10 @@ def prepare_partial(run: RunLayout, stage: str, fp: str) -> Path:
     return partial
 
 
-def execute_stage(stage: Stage, run: RunLayout, notebook_dir: Path, fp: str) -> float:
-    """Execute one stage notebook into <stage>.partial and promote it on success."""
+def execute_stage(stage: Stage, run: RunLayout, notebook_dir: Path, fp: str, outside: dict | None = None) -> float:
+    """Execute one stage notebook into <stage>.partial and promote it on success.
+
+    outside: the digest of what it reads from outside the run (`outside_inputs`), recorded in its marker."""
     import papermill as pm
 
     from flowsan_lib.run.kernel import QuietKernelManager, StageOutput
@@ -477,9 +565,11 @@ def execute_stage(stage: Stage, run: RunLayout, notebook_dir: Path, fp: str) -> 
         raise RunError(f"stage {stage.name} finished without writing {', '.join(missing)} in {partial}; "
                        f"see {failed}")
     seconds = time.time() - t0
-    atomic_write_text(partial / MARKER, json.dumps(
-        {"fingerprint": fp, "seconds": round(seconds, 1), "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
-         "files": hash_tree(partial, skip=(MARKER, ATTEMPT))}, indent=1))
+    marker = {"fingerprint": fp, "seconds": round(seconds, 1), "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "files": hash_tree(partial, skip=(MARKER, ATTEMPT, TIMINGS))}   # timings: not a result
+    if outside is not None:
+        marker["outside_inputs"] = outside
+    atomic_write_text(partial / MARKER, json.dumps(marker, indent=1))
     _promote(partial, run.stage_dir(stage.name))
     _relative_papermill_paths(attempt_nb, run, stage.name)
     attempt_nb.replace(run.executed_notebook(stage.name))

@@ -5,8 +5,9 @@ A grid is a YAML mapping of dotted parameter keys to lists of values:
     san.gender_target: [flip, uniform]
     san.w_gender: [1.0, 4.0]
 
-Every combination is validated before any work (unknown keys, empty lists, ill-typed values are
-refused). Runs live in `outputs/<sweep>/<run>/`, each named from its overrides. Stages whose
+The combinations are counted first: more than `MAX_RUNS` (500; `--max-runs` raises it) is refused with
+the count, before anything is planned. Every combination is then validated before any work (unknown
+keys, empty lists, ill-typed values, two combinations that would share a run folder are refused). Runs live in `outputs/<sweep>/<run>/`, each named from its overrides. Stages whose
 fingerprints are equal across runs (typically 01-03) are computed once: first, one run per distinct
 upstream is taken up to the last shared stage, one after the other; then every run goes in parallel
 (`--jobs`), taking over the shared stages from its siblings by hard links (`pipeline.RunRequest(reuse_from=)`).
@@ -20,6 +21,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import math
 import os
 import re
 import subprocess
@@ -29,11 +31,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from flowsan_lib.core import config, layout
 
 log = logging.getLogger("flowsan.sweep")
+MAX_RUNS = 500      # combinations a sweep runs unless --max-runs says more (each is a full `flowsan run`)
 
 
 @dataclass(frozen=True)
@@ -48,16 +49,29 @@ def read_grid(path: Path) -> dict[str, list]:
     if not path.is_file():
         raise config.ParamError(f"grid file {path} not found")
     try:
-        grid = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise config.ParamError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        grid = config.load_yaml(path.read_text(), str(path))
+    except UnicodeDecodeError:
+        raise config.ParamError(f"{path}: not a text file; a grid is YAML text") from None
     if not isinstance(grid, dict) or not grid:
         raise config.ParamError(f"{path}: a grid is a mapping of dotted keys to lists of values, e.g. "
                                 "'san.w_gender: [1.0, 4.0]'")
     for key, values in grid.items():
         if not isinstance(values, list) or not values:
-            raise config.ParamError(f"{path}: '{key}' must be a non-empty list of values, got {values!r}")
+            raise config.ParamError(f"{path}: '{config.clip(str(key))}' must be a non-empty list of values, "
+                                    f"got {config.short(values)}")
     return grid
+
+
+def check_size(grid: dict[str, list], source: str, max_runs: int = MAX_RUNS) -> int:
+    """The number of combinations, refused (with the count) above max_runs before anything is planned."""
+    if isinstance(max_runs, bool) or not isinstance(max_runs, int) or max_runs < 1:
+        raise config.ParamError(f"--max-runs must be an integer >= 1, got {config.short(max_runs)}")
+    n = math.prod(len(v) for v in grid.values())
+    if n > max_runs:
+        sizes = " x ".join(f"{len(v)} {config.clip(str(k), 40)}" for k, v in grid.items())
+        raise config.ParamError(f"{source}: the grid has {n} combinations ({sizes}), each a full run; more than "
+                                f"--max-runs {max_runs}: narrow the grid, or pass --max-runs {n} to run them all")
+    return n
 
 
 def _slug(value) -> str:
@@ -83,9 +97,15 @@ def plan(preset: str, grid: dict[str, list], base_overrides: dict | None = None)
         over = dict(zip(grid, combo))
         config.load(preset, {**(base_overrides or {}), **over})      # raises ParamError naming the key
         runs.append(SweepRun(run_name(stem, over), over))
-    names = [r.name for r in runs]
-    if len(set(names)) != len(names):
-        raise config.ParamError("two grid combinations map to one run name; make the values distinct")
+    by_name: dict[str, list[SweepRun]] = {}
+    for r in runs:
+        by_name.setdefault(r.name, []).append(r)
+    clash = next((same for same in by_name.values() if len(same) > 1), None)
+    if clash:
+        a, b = (", ".join(f"{k}={config.short(v)}" for k, v in r.overrides.items()) for r in clash[:2])
+        raise config.ParamError(f"grid combinations {a} and {b} both map to run folder {clash[0].name!r} (a "
+                                "folder name keeps letters, digits and '.+_-' of each value, not its type): make "
+                                "the values distinct there")
     return runs
 
 
@@ -158,16 +178,19 @@ class _RayPool:
 
 
 def run_sweep(preset: str, grid_file: Path, jobs: int = 1, name: str | None = None,
-              base_overrides: dict | None = None, output_dir: Path | None = None, ray: str | None = None) -> dict:
+              base_overrides: dict | None = None, output_dir: Path | None = None, ray: str | None = None,
+              max_runs: int = MAX_RUNS) -> dict:
     """Run (or resume) a sweep; returns the summary written to `<sweep>/sweep.json`.
 
-    jobs: runs at once on this machine; ray: a Ray cluster address ("local": start one here) instead.
+    jobs: runs at once on this machine; ray: a Ray cluster address ("local": start one here) instead;
+    max_runs: more combinations than this are refused before planning.
     """
-    grid = read_grid(grid_file)
-    base = dict(base_overrides or {})
-    runs = plan(preset, grid, base)
     if jobs < 1:
         raise config.ParamError(f"--jobs must be >= 1, got {jobs}")
+    grid = read_grid(grid_file)
+    check_size(grid, str(grid_file), max_runs)
+    base = dict(base_overrides or {})
+    runs = plan(preset, grid, base)
     sweep_dir = Path(output_dir or layout.output_root()) / layout.check_run_name(name or Path(grid_file).stem)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     siblings = [sweep_dir / r.name for r in runs]
@@ -204,11 +227,14 @@ def summary_table(summary: dict, sweep_dir: Path):
     """One row per run: its overrides, status, and headline numbers at t = n (unseen models)."""
     import pandas as pd
 
-    from flowsan_lib.run.compare import headline
+    from flowsan_lib.run.compare import CompareError, headline
     rows = []
     for r in summary["runs"]:
         row = {"run": r["name"], **r["overrides"], "status": r["status"], "seconds": r.get("seconds")}
         if r["status"] == "done":
-            row.update(headline(sweep_dir / r["name"]))
+            try:
+                row.update(headline(sweep_dir / r["name"]))
+            except CompareError as e:             # one damaged run keeps its row; the others show theirs
+                row.update(status="damaged", note=str(e))
         rows.append(row)
     return pd.DataFrame(rows).set_index("run")

@@ -10,9 +10,10 @@ import numpy as np
 import torch
 
 from flowsan_lib.core.device import pick_device
+from flowsan_lib.core.records import write_timings
 from flowsan_lib.core.seeding import derive_seed
 from flowsan_lib.method.aux_training import AuxData, train_aux
-from flowsan_lib.method.fit import FitFiles
+from flowsan_lib.method.fit import FitFiles, history_seconds
 from flowsan_lib.models.interfaces import p_male
 
 
@@ -24,7 +25,8 @@ def disagreement(p: np.ndarray) -> dict:
 
 
 def run_aux_stage(P, *, faces: Path, out: Path) -> dict:
-    """n race-resampled auxiliary gender CNNs (faces: the 01_data folder) -> auxNN.safetensors, history, metrics.json."""
+    """n race-resampled auxiliary gender CNNs (faces: the 01_data folder) -> auxNN.safetensors, history, metrics.json
+    and timings.json (seconds: not part of the weights or the metrics, so an equal rebuild writes equal bytes)."""
     import dataclasses
 
     from flowsan_lib.data import load_faces
@@ -48,6 +50,7 @@ def run_aux_stage(P, *, faces: Path, out: Path) -> dict:
     nets, seconds = [], []
     for i, train_rows in enumerate(sets, 1):
         path = stage_dir / f"aux{i:02d}.safetensors"
+        history = stage_dir / "history" / f"aux{i:02d}.csv"
         params = {**base, "classifier": i}
         if path.exists():
             net = load_aux(path, device)
@@ -55,16 +58,15 @@ def run_aux_stage(P, *, faces: Path, out: Path) -> dict:
                 raise ValueError(f"{path} was trained with different parameters; delete it to retrain")
             print(f"[aux G{i:02d}] done earlier ({path.name}); loaded", flush=True)
             nets.append(net)
-            seconds.append(net.provenance.get("seconds", 0.0))
+            seconds.append(history_seconds(history))
             continue
         seed = derive_seed(P.seed, "aux", i)
         torch.manual_seed(seed)
         net = AuxGenderCNN(fs.resolution, ap.arch, name=f"G{i:02d}").to(device)  # CPU init, then on device
-        files = FitFiles(f"aux G{i:02d}", stage_dir / "checkpoints" / f"aux{i:02d}",
-                         stage_dir / "history" / f"aux{i:02d}.csv", params)
+        files = FitFiles(f"aux G{i:02d}", stage_dir / "checkpoints" / f"aux{i:02d}", history, params)
         s = train_aux(net, AuxData(fs.gray, y, train_rows, rows["val"]), ap, files, seed, device, P.gpus)
-        net.provenance = {"stage": "03_aux_classifiers", "params": params, "seconds": s["seconds"],
-                          "train_size": int(len(train_rows))}
+        # provenance: what the weights depend on, never how long they took (its sha256 is 04's input)
+        net.provenance = {"stage": "03_aux_classifiers", "params": params, "train_size": int(len(train_rows))}
         save_aux(net, path)
         nets.append(load_aux(path, device))
         seconds.append(s["seconds"])
@@ -77,7 +79,7 @@ def run_aux_stage(P, *, faces: Path, out: Path) -> dict:
         "val_auc": {f"G{i:02d}": float(roc_auc(p, y[rows["val"]])) for i, p in enumerate(p_val, 1)},
         "test_auc": {f"G{i:02d}": float(roc_auc(p, y[rows["test"]])) for i, p in enumerate(p_test, 1)},
         "val_disagreement": disagreement(p_val),
-        "seconds": {"train": seconds, "total": round(time.time() - t_start, 2)},
     }
     (stage_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    write_timings(stage_dir, {"train": seconds, "total": round(time.time() - t_start, 2)})
     return metrics

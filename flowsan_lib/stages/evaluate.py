@@ -22,7 +22,7 @@ frontier:  {"t<k>": {method: {auc_dev, tmr_retention, fmr}}}  # every t, unseen 
 summary:   {"n<k>": {method: {mean_eer, mean_auc, mean_auc_dev, mean_tmr_at_fmr_0.001,
                               mean_tmr_at_fmr_0.01, tmr_retention,     # paper Table 3, unseen models only
                               mean_tmr_at_fmr_0.001_incl_seen}}}        # ... and over every matcher
-setup:     {schema, n_stages, seed, n_bootstrap, n_impostor, methods, seen_matcher, seconds}
+setup:     {schema, n_stages, seed, n_bootstrap, n_impostor, methods, seen_matcher}   # seconds: timings.json
 test_sets: {name: {n_images, n_male, n_identities, pairs: {protocol: {n_genuine, n_impostor, note}}}}
 classifiers: {name: {kind: pretrained|inhouse|classical, seen: false, provenance...}}
 matchers:  {name: {seen: bool, provenance...}}
@@ -30,7 +30,9 @@ gender:    {test_set: {classifier: {method: {"t<k>": {auc, eer, auc_dev, n, n_ma
 matching:  {protocol: {test_set: {matcher: {method: {"t<k>": {tmr_at_fmr_0.001, tmr_at_fmr_0.01,
             eer, auc, roc: {fmr: tmr}, n_genuine, n_impostor}}}}}}
             # protocol: different_image (main), same_image, lfw_pairs
-attacks:   see flowsan_lib.evaluate.attacks
+attacks:   see flowsan_lib.evaluate.attacks (`points`: the attacker of pio at its largest k and of the strongest baseline)
+points:    the classic baselines and pio, one entry per "<name>:<strength>": see flowsan_lib.evaluate.points
+           (frontier.points repeats each point's frontier entry)
 notes:     {key: text}   # why something is missing or how to read it
 ```
 scores.npz keys: rows, is_male, identity, source, path, test_set (per test image); methods,
@@ -51,8 +53,8 @@ from pathlib import Path
 import numpy as np
 
 from flowsan_lib.core.device import pick_device
-from flowsan_lib.core.records import jsonable, scalars
-from flowsan_lib.evaluate import inhouse, suite
+from flowsan_lib.core.records import jsonable, scalars, write_timings
+from flowsan_lib.evaluate import inhouse, points, suite
 from flowsan_lib.evaluate import metrics as M
 from flowsan_lib.evaluate import pairs as pairs_mod
 from flowsan_lib.method.apply import Sequences, ens_avg, ens_best_choice, ens_gibbs, load_sequences
@@ -386,6 +388,7 @@ def run_evaluate_stage(P, *, faces: Path, aux: Path, test_outputs: Path, flowsan
     seq = load_sequences(test_outputs)
     images = test_images(faces, seq.rows)
     n, N = seq.n, len(seq.rows)
+    points.require_pio_inputs(P, aux_dir, n)                # a pio run without seen G_i: refused before any work
     methods = METHODS if seq.members is not None else ("original", "flowsan")
     match_methods = [m for m in MATCH_METHODS if m in methods]
     notes = {}
@@ -416,6 +419,13 @@ def run_evaluate_stage(P, *, faces: Path, aux: Path, test_outputs: Path, flowsan
     gender_results(res, p_male, images.is_male, test_sets, boots, methods, n)
     pairs_by_ts = {ts: protocol_pairs(images, idx, P.evaluate.n_impostor, P.seed) for ts, idx in test_sets.items()}
     raw = match_results(res, d_sets, gibbs, test_sets, pairs_by_ts, boots, match_methods, n)
+    # reference points: the classic baselines and per-image optimisation, scored with the same suite
+    src = points.PointSources(Path(flowsan_model), aux_dir, faces.landmarks[seq.rows], images.source)
+    pts = (points.baseline_points(P, seq.original, seq.gender, src, notes)
+           + points.pio_points(P, seq.original, seq.gender, src, device, log))
+    psuite = points.PointSuite(classifiers, matchers, {m.name: d_sets[m.name]["original/0"] for m in matchers},
+                               match_mask, images.is_male, test_sets, pairs_by_ts, boots)
+    points_out = points.point_metrics(pts, *points.score(pts, psuite), psuite)
     t_metrics = time.time()
 
     test_info = {}
@@ -448,21 +458,27 @@ def run_evaluate_stage(P, *, faces: Path, aux: Path, test_outputs: Path, flowsan
         from flowsan_lib.evaluate import attacks
         target = attacks.AttackTarget(seq, images.is_male, images.identity, test_sets, boots, d_sets)
         attacks_out = attacks.run_attacks(P, flowsan_model, faces, target, matchers, device, log)
+        strongest = points.strongest_baseline(points.frontier_points(points_out))
+        k_max = max(P.evaluate.pio_steps, default=None)
+        chosen = [pt for pt in pts if pt.key in (strongest, f"pio:{k_max}")]
+        attacks_out["points"] = points.point_attacks(P, chosen, faces, src, target, device)
     setup = {"schema": SCHEMA, "n_stages": n, "n_test_images": N, "seed": P.seed,
              "n_bootstrap": P.evaluate.n_bootstrap, "n_impostor": P.evaluate.n_impostor,
              "methods": ",".join(methods), "seen_matcher": P.san.matcher, "device": str(device),
-             "seen_models": {"matchers": P.san.seen_matchers(), "classifiers": list(P.san.seen_classifiers)},
-             "seconds_models": round(t_models - t_start, 1), "seconds_scoring": round(t_scored - t_models, 1),
-             "seconds_metrics": round(t_metrics - t_scored, 1)}
+             "seen_models": {"matchers": P.san.seen_matchers(), "classifiers": list(P.san.seen_classifiers)}}
+    timings = {"seconds_models": round(t_models - t_start, 1), "seconds_scoring": round(t_scored - t_models, 1),
+               "seconds_metrics": round(t_metrics - t_scored, 1)}      # timings.json: not a result, not hashed
     summ = summary(res, methods, n, unseen_c, unseen_m)
     metrics = build_metrics(res, setup, test_info, clf_info, matcher_info, summ, attacks_out, notes)
     metrics["frontier"] = jsonable(frontier(res, methods, n, unseen_c, unseen_m))
-    metrics["setup"]["seconds_total"] = round(time.time() - t_start, 1)
+    metrics["points"] = jsonable(points_out)
+    metrics["frontier"]["points"] = jsonable(points.frontier_points(points_out))
 
     scores = StageScores(methods, match_methods, n, p_male, best_choice, gibbs, d_sets, pairs_by_ts, raw)
     save_scores(stage_dir / "scores.npz", images, test_sets, scores, classifiers, matchers)
     (stage_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, allow_nan=False))
     charts.write_evaluation_figures(metrics, seq, images, test_sets, gibbs, stage_dir, seed=P.seed)
+    write_timings(stage_dir, {**timings, "seconds_total": round(time.time() - t_start, 1)})
     log(f"evaluation done in {time.time() - t_start:.0f} s")
     return metrics
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import numpy as np
 import torch
 
 from flowsan_lib.core.device import pick_device, resolve_precision
-from flowsan_lib.core.records import jsonable
+from flowsan_lib.core.records import jsonable, write_timings
 from flowsan_lib.method.apply import (
     Sequences,
     ens_best,
@@ -25,6 +26,7 @@ from flowsan_lib.method.apply import (
     write_test_outputs,
 )
 from flowsan_lib.method.directions import prototype_labels
+from flowsan_lib.method.fit import result_part, timing_part
 from flowsan_lib.method.frozen import loss_classifiers, loss_matcher
 from flowsan_lib.method.modelio import ModelError, save_model
 from flowsan_lib.method.prototypes import ProtoBank, load_prototypes, make_bank
@@ -107,6 +109,78 @@ def seen_metrics(aux: list, matcher, seq: Sequences, seed: int) -> dict:
     return out
 
 
+# A collapsed stage (issue 26): its output is no longer the face it was given. The collapsed third stage of
+# medium edited 53.8 grey levels and kept a seen TMR of 0.02 (originals 0.99); working stages in docs/RESULTS.md
+# edit 1-33 grey levels and the documented faithful t = 3 kept 0.41. A residual SAN stuck at +eps (the
+# brightness trap, 62 of 64) is flagged too. Smoke's stages (1 epoch each) are too short to judge.
+EDIT_LIMIT = 40.0         # grey levels: a stage's mean |edit| beyond this has exploded
+TMR_FLOOR = 0.2           # seen-matcher TMR below this share of the originals': the SAN lost what it must keep
+JM_RECOVERY = 0.8         # after the warm-up, J_M (valid) must end below this share of its first value
+MIN_JUDGED_EPOCHS = 2     # a stage trained fewer epochs is not judged (nothing has converged yet)
+
+
+def stage_history(hist: Path, t: int) -> list[dict]:
+    """Stage t's per-epoch history rows (FlowSAN's CSV; stage 1 shared with ensemble member 1: the member's)."""
+    import csv
+    for name in (f"flowsan_stage{t:02d}.csv", *(("ensemble_stage01.csv",) if t == 1 else ())):
+        path = Path(hist) / name
+        if path.is_file():
+            with open(path, newline="") as f:
+                return list(csv.DictReader(f))
+    return []
+
+
+def jm_recovery(rows: list[dict], warmup: int) -> dict | None:
+    """valid J_M at the first epoch after the warm-up and at the last; None with fewer than 2 such epochs."""
+    after = [float(r["valid_J_M"]) for r in rows if int(r["epoch"]) > warmup and r.get("valid_J_M") not in (None, "")]
+    if len(after) < 2:
+        return None
+    return {"first": after[0], "last": after[-1], "recovered": bool(after[-1] < JM_RECOVERY * after[0])}
+
+
+def find_collapse(edits: list[dict], tmr_original: float | None, tmr_flowsan: list, jm: list, epochs: list[int]
+                  ) -> list[dict]:
+    """The judged stages whose mean edit exploded or whose seen TMR collapsed (J_M recovery as evidence)."""
+    out, before = [], tmr_original          # TMR of this stage's input: a loss inherited is not this stage's
+    for t, (edit, tmr, rec, n_ep) in enumerate(zip(edits, tmr_flowsan, jm, epochs), 1):
+        floor = TMR_FLOOR * (tmr_original or 0.0)
+        lost = tmr is not None and bool(tmr_original) and tmr < floor and (before is None or before >= floor)
+        exploded = edit["mean_grey"] > EDIT_LIMIT
+        before = tmr
+        if n_ep < MIN_JUDGED_EPOCHS:
+            continue
+        if exploded or lost:
+            out.append({"stage": t, "mean_edit_grey": round(edit["mean_grey"], 1), "seen_tmr": tmr,
+                        "seen_tmr_original": tmr_original, "edit_exploded": exploded, "tmr_collapsed": lost,
+                        "jm_recovered": None if rec is None else rec["recovered"], "jm": rec})
+    return out
+
+
+def collapse_message(c: dict) -> str:
+    """'stage 3 collapsed: mean edit 54 grey levels, seen TMR 0.02 (originals 0.99); J_M 3.0 -> 3.0 after ...'."""
+    tmr = "n/a" if c["seen_tmr"] is None else f"{c['seen_tmr']:.2f}"
+    msg = (f"stage {c['stage']} collapsed: mean edit {c['mean_edit_grey']:.0f} grey levels, seen TMR {tmr} "
+           f"(originals {c['seen_tmr_original']:.2f})")
+    if c["jm"] is not None:
+        msg += (f"; J_M {c['jm']['first']:.2f} -> {c['jm']['last']:.2f} after the warm-up"
+                + ("" if c["jm_recovered"] else " (did not recover)"))
+    return msg + "; later stages stack on a broken image"
+
+
+def collapse_check(seen: dict, hist: Path, sp) -> dict:
+    """metrics.json's collapse keys for the stage's seen metrics and history; prints a warning per collapse."""
+    n = len(seen["stage_edits"])
+    epochs = [sp.for_stage(t).epochs for t in range(1, n + 1)]
+    jm = [jm_recovery(stage_history(hist, t), sp.match_warmup_epochs) for t in range(1, n + 1)]
+    found = find_collapse(seen["stage_edits"], seen["matcher"]["tmr_original"], seen["matcher"]["tmr_flowsan"],
+                          jm, epochs)
+    msgs = [collapse_message(c) for c in found]
+    for m in msgs:                                    # stderr: the runner logs it as a WARNING on the console too
+        print(f"WARNING: {m}", file=sys.stderr, flush=True)
+    return {"collapsed_stages": found, "collapse_warnings": msgs, "warnings": msgs,
+            "collapse_judged": [t for t, e in enumerate(epochs, 1) if e >= MIN_JUDGED_EPOCHS]}
+
+
 def _split_data(fs, split: str, desc: torch.Tensor, bank: ProtoBank, device, sp, seed: int
                 ) -> tuple[np.ndarray, np.ndarray, StageData]:
     """(rows, true labels, StageData on device): originals as uint8 [N,1,R,R] (made float per batch); the
@@ -122,7 +196,8 @@ def _split_data(fs, split: str, desc: torch.Tensor, bank: ProtoBank, device, sp,
 
 
 def run_flowsan_stage(P, *, faces: Path, prototypes: Path, aux: Path, out: Path, extra_cbs=None) -> dict:
-    """Train the ensemble and FlowSAN (resuming), save both model folders, test outputs and metrics.
+    """Train the ensemble and FlowSAN (resuming), save both model folders, test outputs and metrics
+    (seconds, resumes and loads go to timings.json: how this build ran, not what it computed).
 
     faces: the 01_data folder; prototypes: 02's prototypes.safetensors; aux: the 03 folder; out: where to write.
     """
@@ -184,16 +259,20 @@ def run_flowsan_stage(P, *, faces: Path, prototypes: Path, aux: Path, out: Path,
         "resolution": r, "n_train": len(train), "n_val": len(valid), "n_test": len(test_rows),
         "n_stages": sp.n_stages, "epochs": sp.epochs, "precision": sp.precision, "matcher": m_name,
         "device": str(device), "gpus": P.gpus,
-        "seconds": {"descriptors": round(t_desc, 2), "prototype_bank": round(t_bank, 2),
-                    "flowsan_train": [s.get("seconds", 0.0) for s in flow_info],
-                    "flowsan_transform": [s["transform_seconds"] for s in flow_info],
-                    "ensemble_train": [s.get("seconds", 0.0) for s in ens_info],
-                    "test_outputs": round(t_test, 2), "metrics": round(time.time() - t0, 2),
-                    "total": round(time.time() - t_start, 2)},
-        "flowsan_stages": flow_info, "ensemble_members": ens_info, **seen,
+        "flowsan_stages": [result_part(s) for s in flow_info], "ensemble_members": [result_part(s) for s in ens_info],
+        **seen,
     }
+    timings = {"descriptors": round(t_desc, 2), "prototype_bank": round(t_bank, 2),   # timings.json, not hashed
+               "flowsan_train": [s.get("seconds", 0.0) for s in flow_info],
+               "flowsan_transform": [s["transform_seconds"] for s in flow_info],
+               "ensemble_train": [s.get("seconds", 0.0) for s in ens_info],
+               "test_outputs": round(t_test, 2), "metrics": round(time.time() - t0, 2),
+               "flowsan_stages": [timing_part(s) for s in flow_info],
+               "ensemble_members": [timing_part(s) for s in ens_info]}
     last = {k: v["flowsan"][-1] for k, v in seen["aux_auc"].items()}
     metrics["seen_auc_at_t_max"] = last
     metrics["seen_confounded"] = bool(all(abs(a - 0.5) <= 0.1 for a in last.values()))
+    metrics.update(collapse_check(seen, hist, sp))     # an exploded edit or a lost seen TMR: warned, not fatal
     (stage_dir / "metrics.json").write_text(json.dumps(jsonable(metrics), indent=1))
+    write_timings(stage_dir, {**timings, "total": round(time.time() - t_start, 2)})
     return metrics

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from flowsan_lib.core.records import write_timings
 from flowsan_lib.method.prototypes import GENDERS, mean_faces, save_prototypes, warp_prototypes
 from flowsan_lib.viz.images import save_png, tile, to_uint8_hwc
 
@@ -40,6 +41,6 @@ def run_prototypes_stage(P, *, faces: Path, out: Path) -> dict:
                 [to_uint8_hwc(warped[k, 0]) for k in range(len(demo))],
                 [to_uint8_hwc(warped[k, 1]) for k in range(len(demo))]]
         save_png(tile(rows, scale), stage_dir / "prototypes_warped.png")
-    metrics["seconds"] = round(time.time() - t0, 2)
     (stage_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    write_timings(stage_dir, {"seconds": round(time.time() - t0, 2)})
     return metrics

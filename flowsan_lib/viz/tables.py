@@ -32,10 +32,10 @@ def edit_table(metrics: dict):
     return pd.DataFrame(rows, index=pd.Index(range(1, len(rows) + 1), name="stage")).round(3)
 
 
-def time_table(metrics: dict):
-    """Seconds per stage: training and the transform of the training set before it."""
+def time_table(timings: dict):
+    """Seconds per stage: training and the transform of the training set before it (04's timings.json)."""
     import pandas as pd
-    s = metrics["seconds"]
+    s = timings
     n = len(s["flowsan_train"])
     ens = s["ensemble_train"] or [None] * n
     return pd.DataFrame({"flowsan_train_s": s["flowsan_train"], "flowsan_transform_s": s["flowsan_transform"],

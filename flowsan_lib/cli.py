@@ -217,7 +217,7 @@ def _console_log() -> None:
         logger.setLevel(logging.INFO)
 
 
-MAX_MESSAGE = 2000     # characters of an error message; the rest is cut
+MAX_MESSAGE = 6000     # characters of an error message (an alias bomb echoed megabytes); the middle is cut
 
 
 def main(argv=None) -> int:
@@ -241,7 +241,11 @@ def _one_line(e: BaseException) -> str:
     """An OSError names its file; others carry their own message (cut: it may echo a huge value)."""
     if isinstance(e, OSError) and e.filename:
         return f"{e.strerror or e}: {e.filename}"
-    return config.clip(str(e), MAX_MESSAGE)
+    text = str(e)
+    if len(text) <= MAX_MESSAGE:
+        return text
+    tail = MAX_MESSAGE // 4                  # keep the end too: messages close with the fix
+    return f"{text[:MAX_MESSAGE - tail - 40]} ... ({len(text) - MAX_MESSAGE + 40} characters cut) ... {text[-tail:]}"
 
 
 if __name__ == "__main__":

@@ -241,11 +241,7 @@ def _one_line(e: BaseException) -> str:
     """An OSError names its file; others carry their own message (cut: it may echo a huge value)."""
     if isinstance(e, OSError) and e.filename:
         return f"{e.strerror or e}: {e.filename}"
-    text = str(e)
-    if len(text) <= MAX_MESSAGE:
-        return text
-    tail = MAX_MESSAGE // 4                  # keep the end too: messages close with the fix
-    return f"{text[:MAX_MESSAGE - tail - 40]} ... ({len(text) - MAX_MESSAGE + 40} characters cut) ... {text[-tail:]}"
+    return config.clip(str(e), MAX_MESSAGE)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ the stage's device, and nothing moves a shared network to another device after i
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 from fastai.callback.core import Callback
@@ -25,6 +24,8 @@ from flowsan_lib.method.san_training import StageData, descriptors, frozen_for_l
 from flowsan_lib.models.aux_cnn import AuxGenderCNN, freeze
 from flowsan_lib.models.san import SAN
 from flowsan_lib.run import pipeline
+
+from .conftest import write_faces
 
 META = torch.device("meta")
 needs_no_gpu = pytest.mark.skipif(cuda_count() > 0, reason="this machine has a GPU")
@@ -146,7 +147,6 @@ def test_a_network_on_another_device_is_refused_not_moved(parts):
 
 # --- the stage functions on the fixture's device -------------------------------------------------
 
-SPLIT = ["train", "val", "train", "test", "train", "val", "train", "test"]
 
 
 @pytest.fixture(params=["cpu", pytest.param("cuda", marks=cuda)])
@@ -156,11 +156,7 @@ def device(request):
 
 def _run_folder(root, tf):
     data = root / "01_data"
-    data.mkdir(parents=True)
-    np.savez(data / "faces.npz", gray=tf.gray, rgb=tf.rgb, landmarks=tf.landmarks)
-    pd.DataFrame({"path": [f"{i}.jpg" for i in range(8)], "source": "lfw", "gender": tf.gender,
-                  "identity": tf.identity, "race": -1, "split": SPLIT, "age": -1, "sha1": ""}
-                 ).to_csv(data / "faces.csv", index=False)
+    write_faces(tf, data)
     for name in ("02_prototypes", "03_aux_classifiers", "04_flowsan"):
         (root / name).mkdir()
     return root

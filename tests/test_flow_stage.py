@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 
@@ -18,7 +17,8 @@ from flowsan_lib.stages.aux import run_aux_stage
 from flowsan_lib.stages.flowsan import run_flowsan_stage
 from flowsan_lib.stages.prototypes import run_prototypes_stage
 
-SPLIT = ["train", "val", "train", "test", "train", "val", "train", "test"]  # 2 men, 2 women in train
+from .conftest import TINY_SPLIT as SPLIT
+from .conftest import write_faces
 
 
 @pytest.fixture(scope="module")
@@ -26,12 +26,8 @@ def run_dir(tiny_faces, tmp_path_factory, faceapi_matcher):
     """A run folder whose 01_data holds the eight real faces in the data stage's format."""
     d = tmp_path_factory.mktemp("run")
     data = d / "01_data"
-    data.mkdir()
     tf = tiny_faces
-    np.savez(data / "faces.npz", gray=tf.gray, rgb=tf.rgb, landmarks=tf.landmarks)
-    pd.DataFrame({"path": [f"{i}.jpg" for i in range(8)], "source": "lfw", "gender": tf.gender,
-                  "identity": tf.identity, "race": -1, "split": SPLIT, "age": -1, "sha1": ""}
-                 ).to_csv(data / "faces.csv", index=False)
+    write_faces(tf, data)
     return d
 
 

@@ -12,8 +12,6 @@ import shutil
 from pathlib import Path
 
 import nbformat
-import numpy as np
-import pandas as pd
 import pytest
 import torch
 from nbformat.v4 import new_code_cell, new_notebook
@@ -22,6 +20,8 @@ from flowsan_lib.core import config
 from flowsan_lib.core.integrity import hash_tree
 from flowsan_lib.core.layout import Input, RunLayout, Stage, stage_named
 from flowsan_lib.run import pipeline
+
+from .conftest import write_faces
 
 PARAMS_CELL = 'preset = "smoke"\nrun_dir = "interactive"\noverrides = {}\ninputs = {}\nout_dir = ""\n'
 WRITE_A = """import json, time
@@ -108,19 +108,14 @@ def test_weights_files_have_reproducible_bytes(tmp_path):
         assert h.metadata() == meta and all(torch.equal(h.get_tensor(k), tensors[k]) for k in tensors)
 
 
-SPLIT = ["train", "val", "train", "test", "train", "val", "train", "test"]
 
 
 @pytest.fixture
 def faces_dir(tiny_faces, tmp_path) -> Path:
     """A 01_data folder of the eight real faces in the data stage's format."""
     data = tmp_path / "01_data"
-    data.mkdir()
     tf = tiny_faces
-    np.savez(data / "faces.npz", gray=tf.gray, rgb=tf.rgb, landmarks=tf.landmarks)
-    pd.DataFrame({"path": [f"{i}.jpg" for i in range(8)], "source": "lfw", "gender": tf.gender,
-                  "identity": tf.identity, "race": -1, "split": SPLIT, "age": -1, "sha1": ""}
-                 ).to_csv(data / "faces.csv", index=False)
+    write_faces(tf, data)
     return data
 
 

@@ -265,8 +265,12 @@ _FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 def clip(text: str, limit: int = MAX_ECHO) -> str:
-    """Text for an error message, cut to about `limit` characters (what a user typed can be megabytes)."""
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+    """Text for an error message, cut to about `limit` characters (what a user typed can be megabytes).
+    The middle goes: a message's end usually says what to do."""
+    if len(text) <= limit:
+        return text
+    tail = limit // 4
+    return f"{text[:limit - tail]}... ({len(text)} characters) ...{text[-tail:]}"
 
 
 def short(value, limit: int = MAX_ECHO) -> str:

@@ -279,3 +279,10 @@ def test_a_taken_over_stage_is_hashed_once(toy, monkeypatch):
     calls.clear()
     other = run(run_name="taker2", reuse_from=(run_dir,))
     assert other.reused == ["a"] and other.ran == ["b"]
+
+
+@pytest.mark.parametrize("text", ["[]", '"oops"', "{not json"])
+def test_a_marker_of_another_shape_means_not_finished(tmp_path, text):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / ".stage.json").write_text(text)
+    assert pipeline.read_marker(tmp_path, "a") is None

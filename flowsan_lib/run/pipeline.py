@@ -57,9 +57,10 @@ def _digest(obj) -> str:
 def read_marker(run_dir: Path, stage: str) -> dict | None:
     p = RunLayout(Path(run_dir)).marker(stage)
     try:
-        return json.loads(p.read_text()) if p.exists() else None
+        marker = json.loads(p.read_text()) if p.exists() else None
     except json.JSONDecodeError:
         return None                                   # a damaged marker means: not finished
+    return marker if isinstance(marker, dict) else None   # so does valid JSON of another shape ([], "x")
 
 
 def code_closure(*modules: str) -> list[Path]:
